@@ -43,7 +43,9 @@ class Selection:
         for layer, groups in (kv or {}).items():
             for g in groups:
                 start = g * structure.group_size
-                heads_all.setdefault(layer, set()).update(range(start, start + structure.group_size))
+                heads_all.setdefault(layer, set()).update(
+                    range(start, start + structure.group_size)
+                )
         sel = cls(
             heads=_sorted_dict({k: list(v) for k, v in heads_all.items()}),
             kv=_sorted_dict(kv),
@@ -73,7 +75,7 @@ class Selection:
             if layer in self.layers:
                 continue
             counts = self.heads_per_kv_group(s, layer)
-            if not counts:
+            if not any(counts.values()):
                 raise PlanError(
                     f"The plan removes every attention head of layer {layer}. "
                     "Lower that layer's head ratio, or remove the whole layer instead."
@@ -97,9 +99,7 @@ class Selection:
         for g in range(s.kv_heads):
             if g in self.kv.get(layer, ()):
                 continue
-            out[g] = sum(
-                h not in removed for h in range(g * s.group_size, (g + 1) * s.group_size)
-            )
+            out[g] = sum(h not in removed for h in range(g * s.group_size, (g + 1) * s.group_size))
         return out
 
     def kept(self, s: StructureMap, layer: int) -> dict[str, int]:

@@ -20,15 +20,17 @@ def logits(model, ids):
 
 
 SELECTIONS = {
-    "head": lambda s: Selection.make(
-        s,
-        heads={
-            0: list(range(1, s.heads, s.group_size)),
-            2: list(range(0, s.heads, s.group_size)),
-        },
-    )
-    if s.group_size > 1
-    else None,
+    "head": lambda s: (
+        Selection.make(
+            s,
+            heads={
+                0: list(range(1, s.heads, s.group_size)),
+                2: list(range(0, s.heads, s.group_size)),
+            },
+        )
+        if s.group_size > 1
+        else None
+    ),
     "kv": lambda s: Selection.make(s, kv={1: [1]}) if s.kv_heads > 1 else None,
     "mlp": lambda s: Selection.make(s, mlp={0: [1, 5, 7], 2: list(range(20))}),
     "hidden": lambda s: Selection.make(s, hidden=[0, 3, 17, 40]),

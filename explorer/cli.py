@@ -1,0 +1,241 @@
+"""Command line: the same pipeline as the app, headless, so a plan replays on a bigger machine.
+
+python -m explorer prune --model smollm2-135m --criterion taylor --target 0.2
+python -m explorer prune --plan plan.json --out pruned/
+python -m explorer export --plan plan.json --model smollm2-135m --out pruned/
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .data import TextSource
+from .errors import ExplorerError
+from .importance import REDUCTIONS, criterion_names
+from .loading import EMBEDDED, load_model
+from .plan import Plan
+from .selection import Selection
+from .session import Explorer
+
+
+def text_source(spec: str) -> dict:
+    """``builtin``, ``generated``, ``dataset:NAME[:CONFIG[:SPLIT[:FIELD]]]`` or a file path."""
+    if spec == "builtin":
+        return {"kind": "builtin"}
+    if spec == "generated":
+        return {"kind": "generated"}
+    if spec.startswith("dataset:"):
+        parts = spec.split(":")[1:]
+        keys = ("name", "config", "split", "field")
+        return {"kind": "dataset", **{k: v for k, v in zip(keys, parts, strict=False) if v}}
+    return {"kind": "file", "path": spec}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m explorer", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    prune = sub.add_parser("prune", help="score, plan, and report perplexity before/after")
+    _common(prune)
+    prune.add_argument("--criterion", choices=criterion_names(), default=None)
+    prune.add_argument("--reduction", choices=REDUCTIONS, default=None)
+    prune.add_argument(
+        "--target", type=float, default=None, help="share of decoder-block parameters to remove"
+    )
+    prune.add_argument("--allocation", choices=("uniform", "global"), default=None)
+    prune.add_argument("--head-ratio", type=float, default=None, help="uniform: share of heads")
+    prune.add_argument("--mlp-ratio", type=float, default=None, help="uniform: share of channels")
+    prune.add_argument("--attention-unit", choices=("head", "kv"), default=None)
+    prune.add_argument("--protect-first", type=int, default=None)
+    prune.add_argument("--protect-last", type=int, default=None)
+    prune.add_argument("--round-to", type=int, default=None)
+    prune.add_argument("--calibration", default=None, help="builtin, generated, FILE, dataset:...")
+    prune.add_argument("--evaluation", default=None, help="builtin, FILE, dataset:...")
+    prune.add_argument("--calibration-windows", type=int, default=None)
+    prune.add_argument("--calibration-length", type=int, default=None)
+    prune.add_argument("--save-plan", type=Path, default=None, help="write the plan JSON here")
+    prune.add_argument("--prompt", default=None, help="also generate from this prompt")
+    export = sub.add_parser("export", help="replay a plan and export the pruned model")
+    _common(export)
+    for p in (prune, export):
+        p.add_argument("--out", type=Path, default=None, help="export the pruned model here")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    return parser
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=f"{', '.join(EMBEDDED)}, a hub id, folder, .gguf")
+    p.add_argument("--plan", type=Path, default=None, help="a saved plan.json to run")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--eval-length", type=int, default=256, help="evaluation window length")
+    p.add_argument("--eval-windows", type=int, default=None, help="limit evaluation windows")
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    """The plan file (if any) with the command line's explicit options on top."""
+    plan = Plan.load(args.plan) if args.plan else Plan()
+    overrides = {
+        "model": args.model,
+        "criterion": getattr(args, "criterion", None),
+        "reduction": getattr(args, "reduction", None),
+        "target": getattr(args, "target", None),
+        "allocation": getattr(args, "allocation", None),
+        "head_ratio": getattr(args, "head_ratio", None),
+        "mlp_ratio": getattr(args, "mlp_ratio", None),
+        "attention_unit": getattr(args, "attention_unit", None),
+        "protect_first": getattr(args, "protect_first", None),
+        "protect_last": getattr(args, "protect_last", None),
+        "round_to": getattr(args, "round_to", None),
+        "calibration_windows": getattr(args, "calibration_windows", None),
+        "calibration_length": getattr(args, "calibration_length", None),
+    }
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(plan, key, value)
+    for key in ("calibration", "evaluation"):
+        spec = getattr(args, key, None)
+        if spec is not None:
+            setattr(plan, key, text_source(spec))
+    plan.check()
+    return plan
+
+
+class _Bar:
+    """A tqdm bar driven by ``progress(fraction, message)`` callbacks."""
+
+    def __init__(self, desc: str):
+        self.bar = tqdm(total=1000, desc=desc, leave=False, file=sys.stderr)
+
+    def __call__(self, fraction: float, message: str) -> None:
+        self.bar.n = int(1000 * min(max(fraction, 0.0), 1.0))
+        self.bar.set_postfix_str(message[:60], refresh=True)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _with_bar(desc: str, fn, *args, **kwargs):
+    bar = _Bar(desc)
+    try:
+        return fn(*args, progress=bar, **kwargs)
+    finally:
+        bar.close()
+
+
+def open_explorer(plan: Plan, args: argparse.Namespace) -> Explorer:
+    """Load the plan's model and data."""
+    ws = _with_bar("load model", load_model, plan.model, dtype=args.dtype, device=args.device)
+    calib = TextSource.from_dict(plan.calibration).resolve("calibration", ws)
+    evaluation = TextSource.from_dict(plan.evaluation).resolve("evaluation", ws)
+    return Explorer.from_texts(
+        ws,
+        calib,
+        evaluation,
+        calibration_windows=plan.calibration_windows,
+        calibration_length=plan.calibration_length,
+        evaluation_length=args.eval_length,
+        evaluation_windows=args.eval_windows,
+        seed=plan.seed,
+    )
+
+
+def print_selection(ex: Explorer, sel: Selection) -> None:
+    s = ex.structure
+    print("layer  heads kept  kv kept  mlp kept   (removed: heads / mlp channels)")
+    for layer in range(s.num_layers):
+        if layer in sel.layers:
+            print(f"{layer:5d}  removed whole layer")
+            continue
+        k = sel.kept(s, layer)
+        print(
+            f"{layer:5d}  {k['heads']:4d}/{s.heads:<4d}  {k['kv_heads']:3d}/{s.kv_heads:<3d}"
+            f"  {k['intermediate']:5d}/{s.intermediate:<5d}"
+            f"  {len(sel.heads.get(layer, ())):3d} / {len(sel.mlp.get(layer, ())):5d}"
+        )
+    if sel.hidden:
+        print(f"hidden channels removed: {len(sel.hidden)} of {s.hidden}")
+
+
+def run(plan: Plan, args: argparse.Namespace) -> dict:
+    """Score, resolve, evaluate (and export): prints a report, returns it as a dict."""
+    started = time.perf_counter()
+    ex = open_explorer(plan, args)
+    t0 = time.perf_counter()
+    sel = _with_bar(f"score ({plan.criterion})", ex.resolve, plan)
+    scoring_s = time.perf_counter() - t0
+    sizes = ex.sizes(sel)
+    dense = _with_bar("dense perplexity", ex.dense_perplexity)
+    pruned = _with_bar("pruned perplexity", ex.perplexity, sel)
+    print_selection(ex, sel)
+    block_share = 1 - sizes["block_params_after"] / sizes["block_params_before"]
+    all_share = 1 - sizes["params_after"] / sizes["params_before"]
+    print(
+        f"\nmodel {plan.model}: criterion {plan.criterion} ({plan.reduction}), "
+        f"allocation {plan.allocation}"
+    )
+    print(
+        f"parameters: {sizes['params_before']:,} -> {sizes['params_after']:,} "
+        f"({all_share:.1%} of all parameters removed)"
+    )
+    print(
+        f"decoder blocks: {sizes['block_params_before']:,} -> {sizes['block_params_after']:,} "
+        f"({block_share:.1%} of block parameters removed)"
+    )
+    print(f"FLOPs/token: {sizes['flops_before']:.3g} -> {sizes['flops_after']:.3g}")
+    print(
+        f"perplexity ({ex.evaluation.shape[0]} x {ex.evaluation.shape[1]} tokens): "
+        f"dense {dense:.2f} -> pruned {pruned:.2f}"
+    )
+    if getattr(args, "prompt", None):
+        print(f"\nprompt: {args.prompt}")
+        print("dense :", ex.generate(Selection(), args.prompt)[0])
+        print("pruned:", ex.generate(sel, args.prompt)[0])
+    report = {
+        "criterion": plan.criterion,
+        "reduction": plan.reduction,
+        "perplexity_before": dense,
+        "perplexity_after": pruned,
+        "scoring_seconds": scoring_s,
+        "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
+        **sizes,
+    }
+    if args.out:
+        from .export import export_model
+
+        report["total_seconds"] = time.perf_counter() - started
+        result = _with_bar(
+            "export",
+            export_model,
+            ex.model,
+            ex.workspace.tokenizer,
+            ex.structure,
+            sel,
+            args.out,
+            plan=plan.to_dict(),
+            report=report,
+            overwrite=args.overwrite,
+            verify_ids=ex.evaluation[:2],
+        )
+        print(f"exported to {result.path} (max |logit diff| on reload {result.max_abs_diff:.2e})")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        plan = build_plan(args)
+        if args.command == "export" and not args.out:
+            raise ExplorerError("export needs --out DIR: the folder to write the model to.")
+        if getattr(args, "save_plan", None):
+            plan.save(args.save_plan)
+        run(plan, args)
+    except ExplorerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

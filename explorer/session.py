@@ -1,0 +1,158 @@
+"""One loaded model with its data and caches: what the command line and the app drive.
+
+The expensive things are computed once and kept: the structure map, the calibration statistics
+(one pass collects what every requested criterion needs; a later criterion re-uses them when they
+cover it), scores per (criterion, reduction), and the dense perplexity. Plans resolve against the
+cached scores, so changing a ratio never re-reads the data.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from .data import ensure_disjoint, token_windows
+from .evaluate import PerplexityStep, generate, perplexity, token_logprobs
+from .families import family_for
+from .importance import Needs, ScoreContext, Scores, get_criterion
+from .loading import Workspace
+from .masking import masked
+from .plan import Plan, resolve
+from .preview import LivePreview
+from .selection import Selection, flops_per_token, param_counts
+from .statistics import Statistics, collect_statistics
+from .structure import StructureMap
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Explorer:
+    """A workspace plus calibration/evaluation windows and the caches built on them."""
+
+    workspace: Workspace
+    calibration: torch.Tensor  # (n, L) token windows
+    evaluation: torch.Tensor  # (n, L) token windows
+    seed: int = 0
+    structure: StructureMap = field(init=False)
+    _stats: Statistics | None = field(default=None, init=False, repr=False)
+    _scores: dict[tuple[str, str], Scores] = field(default_factory=dict, init=False, repr=False)
+    _dense_ppl: float | None = field(default=None, init=False, repr=False)
+    _live: LivePreview | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.structure = StructureMap(self.workspace.model, family_for(self.workspace.model))
+
+    @classmethod
+    def from_texts(
+        cls,
+        workspace: Workspace,
+        calibration_text: str,
+        evaluation_text: str,
+        *,
+        calibration_windows: int = 10,
+        calibration_length: int = 64,
+        evaluation_length: int = 256,
+        evaluation_windows: int | None = None,
+        seed: int = 0,
+    ) -> Explorer:
+        """Cut the texts into windows; refuses calibration text that overlaps the evaluation."""
+        ensure_disjoint(calibration_text, evaluation_text)
+        tok = workspace.tokenizer
+        calib = token_windows(
+            tok, calibration_text, calibration_length, calibration_windows, seed=seed
+        )
+        evaluation = token_windows(tok, evaluation_text, evaluation_length, evaluation_windows)
+        return cls(workspace, calib, evaluation, seed=seed)
+
+    @property
+    def model(self):
+        return self.workspace.model
+
+    # -- statistics and scores ----------------------------------------------------------------------
+    def statistics(self, needs: Needs, progress: Progress | None = None) -> Statistics:
+        """Calibration statistics covering ``needs``; collected at most once per new need."""
+        if self._stats is not None and self._stats.covers(needs):
+            return self._stats
+        if self._stats is not None:
+            needs = needs | self._stats.needs
+        self._stats = collect_statistics(
+            self.model, self.structure, self.calibration, needs, progress=progress
+        )
+        return self._stats
+
+    def scores(
+        self, criterion: str, reduction: str = "sum", progress: Progress | None = None
+    ) -> Scores:
+        """Scores of every group kind; cached, so switching back to a criterion is instant."""
+        crit = get_criterion(criterion)
+        key = (criterion, reduction if crit.uses_reduction else "-")
+        if key not in self._scores:
+            stats = self.statistics(crit.needs, progress) if crit.needs != Needs() else None
+            ctx = ScoreContext(
+                self.model, self.structure, stats, reduction=reduction, seed=self.seed
+            )
+            self._scores[key] = crit.score(ctx)
+        return self._scores[key]
+
+    def resolve(self, plan: Plan, progress: Progress | None = None) -> Selection:
+        """The selection ``plan`` gives on this model."""
+        plan.check(self.structure.num_layers)
+        return resolve(plan, self.structure, self.scores(plan.criterion, plan.reduction, progress))
+
+    # -- preview ------------------------------------------------------------------------------------
+    def dense_perplexity(self, progress: Progress | None = None) -> float:
+        if self._dense_ppl is None:
+            self._dense_ppl = perplexity(self.model, self.evaluation, progress=progress)
+        return self._dense_ppl
+
+    @property
+    def live(self) -> LivePreview:
+        """The incremental preview over the evaluation windows (built on first use)."""
+        if self._live is None:
+            self._live = LivePreview(self.model, self.structure, self.evaluation)
+        return self._live
+
+    def iter_perplexity(self, selection: Selection) -> Iterator[PerplexityStep]:
+        """The pruned view's running perplexity, batch by batch, recomputing only what changed."""
+        return self.live.run(selection)
+
+    def perplexity(self, selection: Selection, progress: Progress | None = None) -> float:
+        """Perplexity of the pruned view (masks only; the shared weights are not touched)."""
+        if selection.is_empty:
+            return self.dense_perplexity(progress)
+        step = None
+        for step in self.iter_perplexity(selection):
+            if progress:
+                progress(step.done / step.total, f"perplexity {step.perplexity:.2f}")
+        return step.perplexity
+
+    def generate(self, selection: Selection, prompt: str, **kwargs) -> tuple[str, torch.Tensor]:
+        """Continuation of ``prompt`` by the pruned view: (its text, prompt and continuation ids)."""
+        tok = self.workspace.tokenizer
+        with masked(self.model, self.structure, selection):
+            ids, prompt_length = generate(self.model, tok, prompt, **kwargs)
+        return tok.decode(ids[prompt_length:], skip_special_tokens=True), ids
+
+    def logprob_drop(self, selection: Selection, ids: torch.Tensor) -> torch.Tensor:
+        """How much each token's log-probability fell under pruning (positive = hurt)."""
+        dense = token_logprobs(self.model, ids)
+        with masked(self.model, self.structure, selection):
+            pruned = token_logprobs(self.model, ids)
+        return dense - pruned
+
+    def sizes(self, selection: Selection, context: int | None = None) -> dict[str, float]:
+        """Parameter counts and FLOPs per token before and after ``selection``."""
+        s = self.structure
+        context = context or self.evaluation.shape[1]
+        before, after = param_counts(s, Selection()), param_counts(s, selection)
+        return {
+            "params_before": before["total"],
+            "params_after": after["total"],
+            "block_params_before": before["blocks"],
+            "block_params_after": after["blocks"],
+            "flops_before": flops_per_token(s, Selection(), context),
+            "flops_after": flops_per_token(s, selection, context),
+        }

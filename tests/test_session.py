@@ -1,0 +1,110 @@
+"""The pipeline end to end: session caches, the command line, and the real SmolLM2."""
+
+import math
+
+import pytest
+import torch
+
+from explorer.cli import main
+from explorer.errors import DataError
+from explorer.importance import criterion_names
+from explorer.masking import masked
+from explorer.plan import Plan
+from explorer.pruning import prune_model
+from explorer.selection import Selection, param_counts
+from explorer.session import Explorer
+from tests.conftest import SENTENCES
+
+CALIBRATION = "\n\n".join(SENTENCES[:3] * 20)
+EVALUATION = "\n\n".join(SENTENCES[3:] * 12)
+
+
+@pytest.fixture
+def texts(tmp_path):
+    calib, evaluation = tmp_path / "calib.txt", tmp_path / "eval.txt"
+    calib.write_text(CALIBRATION)
+    evaluation.write_text(EVALUATION)
+    return calib, evaluation
+
+
+def test_cli_prunes_a_local_model_with_every_criterion(tiny_llama_dir, texts, capsys):
+    calib, evaluation = texts
+    for criterion in criterion_names():
+        code = main(
+            [
+                "prune",
+                "--model",
+                str(tiny_llama_dir),
+                "--criterion",
+                criterion,
+                "--target",
+                "0.3",
+                "--calibration",
+                str(calib),
+                "--evaluation",
+                str(evaluation),
+                "--eval-length",
+                "16",
+                "--calibration-length",
+                "16",
+            ]
+        )
+        out, err = capsys.readouterr()
+        assert code == 0, (criterion, err[-300:])
+        assert "of block parameters removed" in out and "perplexity" in out
+        pruned = float(out.split("pruned ")[-1].split()[0])
+        assert math.isfinite(pruned)
+
+
+def test_cli_reports_bad_input(tiny_llama_dir, texts, tmp_path, capsys):
+    calib, _ = texts
+    bad_plan = tmp_path / "bad.json"
+    bad_plan.write_text('{"target": 7}')
+    cases = [
+        (["prune", "--model", str(tmp_path / "nope")], "No model"),
+        (["prune", "--plan", str(bad_plan)], "out of range"),
+        (
+            ["prune", "--model", str(tiny_llama_dir), "--calibration", str(calib)]
+            + ["--evaluation", str(calib)],
+            "same",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and message.lower() in err.lower(), err
+
+
+def test_calibration_must_differ_from_evaluation(tiny_llama_dir):
+    from explorer.loading import load_model
+
+    ws = load_model(str(tiny_llama_dir))
+    with pytest.raises(DataError):
+        Explorer.from_texts(ws, EVALUATION, EVALUATION, calibration_length=8)
+
+
+@pytest.mark.real
+def test_real_smollm2_pipeline(smollm2):
+    """SmolLM2: dense perplexity, a 20% plan, masks equal slicing on the real weights."""
+    ex = smollm2
+    dense = ex.dense_perplexity()
+    sel = ex.resolve(Plan(criterion="taylor_e1", target=0.2, protect_first=3, protect_last=2))
+    sizes = ex.sizes(sel)
+    assert sizes["block_params_before"] == 106_202_880
+    assert 0.195 < 1 - sizes["block_params_after"] / sizes["block_params_before"] < 0.205
+    pruned = ex.perplexity(sel)
+    assert math.isfinite(pruned) and pruned > dense
+    # Switching back to the dense view and again to the plan gives the same numbers.
+    assert ex.perplexity(Selection()) == pytest.approx(dense, rel=1e-6)
+    assert ex.perplexity(sel) == pytest.approx(pruned, rel=1e-5)
+    # Real weights: the sliced model computes what the masks preview.
+    mixed = Selection.make(
+        ex.structure, heads={4: [0, 3, 6]}, kv={9: [1]}, mlp={5: list(range(0, 1536, 3))}, layers=[20]
+    )
+    ids = ex.evaluation[:1, :64]
+    with torch.no_grad(), masked(ex.model, ex.structure, mixed):
+        masked_logits = ex.model(ids).logits
+    small = prune_model(ex.model, ex.structure, mixed)
+    with torch.no_grad():
+        assert (small(ids).logits - masked_logits).abs().max() < 1e-4
+    assert sum(p.numel() for p in small.parameters()) == param_counts(ex.structure, mixed)["total"]
