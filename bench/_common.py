@@ -1,0 +1,43 @@
+"""What every benchmark shares: the default model and text, and a line naming the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+import transformers
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from explorer.data import builtin_text  # noqa: E402
+from explorer.loading import load_model  # noqa: E402
+from explorer.session import Explorer  # noqa: E402
+
+
+def open_default(device: str | None = None, **windows) -> Explorer:
+    """SmolLM2-135M on the Lee corpus, with the project's evaluation protocol."""
+    ws = load_model("smollm2-135m", device=device)
+    return Explorer.from_texts(
+        ws, builtin_text("calibration"), builtin_text("evaluation"), **windows
+    )
+
+
+def machine_line(ex: Explorer) -> str:
+    device = str(ex.workspace.device)
+    if device.startswith("cuda"):
+        device = torch.cuda.get_device_name()
+    else:
+        device = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+    return (
+        f"Machine: {device}; torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"{torch.get_num_threads()} threads, fp32."
+    )
+
+
+def write_result(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    print(f"\nwritten to {path}")

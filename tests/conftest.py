@@ -1,0 +1,92 @@
+"""Shared fixtures: offline hub, tiny word-level tokenizers, a tiny Llama folder on disk."""
+
+from __future__ import annotations
+
+import os
+
+# Before transformers/huggingface_hub are imported anywhere: tests never reach the hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "the market fell as shares in the bank dropped",
+    "rain is expected in the south on monday",
+    "the minister said the plan would cost more than expected",
+]
+
+
+def _tokenizer(add_bos: bool):
+    """A word-level tokenizer trained on ``SENTENCES``, no downloads; pad left unset on purpose."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(
+        SENTENCES, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    if add_bos:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
+        )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@pytest.fixture
+def sentences() -> list[str]:
+    """The words the tiny tokenizers know."""
+    return list(SENTENCES)
+
+
+@pytest.fixture
+def tiny_tokenizer():
+    """Adds no BOS itself, like SmolLM2's."""
+    return _tokenizer(add_bos=False)
+
+
+@pytest.fixture
+def tiny_bos_tokenizer():
+    """Puts BOS in front of every text, like Gemma's."""
+    return _tokenizer(add_bos=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random 2-layer GQA Llama saved with its tokenizer, as a user's local model folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _tokenizer(add_bos=False)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+    )
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M with the Lee corpus: 10 x 64 calibration, 4 x 256 evaluation tokens."""
+    from explorer.data import builtin_text
+    from explorer.loading import load_model
+    from explorer.session import Explorer
+
+    ws = load_model("smollm2-135m")
+    return Explorer.from_texts(
+        ws, builtin_text("calibration"), builtin_text("evaluation"), evaluation_windows=4
+    )
