@@ -15,10 +15,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import TextSource
+from .data import TextSource, builtin_text
 from .errors import ExplorerError
 from .importance import REDUCTIONS, criterion_names
-from .loading import EMBEDDED, load_model
+from .loading import EMBEDDED, cache_root, load_model
 from .plan import Plan
 from .selection import Selection
 from .session import Explorer
@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--calibration-length", type=int, default=None)
     prune.add_argument("--save-plan", type=Path, default=None, help="write the plan JSON here")
     prune.add_argument("--prompt", default=None, help="also generate from this prompt")
+    fetch = sub.add_parser("fetch", help="fetch and cache the embedded model and corpus")
+    fetch.add_argument("--model", default="smollm2-135m", choices=tuple(EMBEDDED))
     export = sub.add_parser("export", help="replay a plan and export the pruned model")
     _common(export)
     for p in (prune, export):
@@ -226,9 +228,20 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     return report
 
 
+def fetch(model: str) -> None:
+    """Cache an embedded model and the built-in corpus, so later runs need no network."""
+    _with_bar("fetch model", load_model, model)
+    for split in ("calibration", "evaluation"):
+        builtin_text(split)
+    print(f"cached {model} and the Lee corpus in {cache_root()}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
+        if args.command == "fetch":
+            fetch(args.model)
+            return 0
         plan = build_plan(args)
         if args.command == "export" and not args.out:
             raise ExplorerError("export needs --out DIR: the folder to write the model to.")

@@ -99,7 +99,11 @@ def test_real_smollm2_pipeline(smollm2):
     assert ex.perplexity(sel) == pytest.approx(pruned, rel=1e-5)
     # Real weights: the sliced model computes what the masks preview.
     mixed = Selection.make(
-        ex.structure, heads={4: [0, 3, 6]}, kv={9: [1]}, mlp={5: list(range(0, 1536, 3))}, layers=[20]
+        ex.structure,
+        heads={4: [0, 3, 6]},
+        kv={9: [1]},
+        mlp={5: list(range(0, 1536, 3))},
+        layers=[20],
     )
     ids = ex.evaluation[:1, :64]
     with torch.no_grad(), masked(ex.model, ex.structure, mixed):
