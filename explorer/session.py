@@ -79,7 +79,7 @@ class Explorer:
         if self._stats is not None:
             needs = needs | self._stats.needs
         self._stats = collect_statistics(
-            self.model, self.structure, self.calibration, needs, progress=progress
+            self.model, self.structure, self.calibration, needs, batch_size=8, progress=progress
         )
         return self._stats
 
