@@ -44,7 +44,7 @@ def _value(ctx: ScoreContext, path: str, param: str) -> torch.Tensor:
     return w
 
 
-def _stats(ctx: ScoreContext, name: str, needs: Needs) -> Statistics:
+def require_stats(ctx: ScoreContext, name: str, needs: Needs) -> Statistics:
     """The context's statistics, refusing ones that lack what criterion ``name`` needs."""
     if ctx.stats is None or not ctx.stats.covers(needs):
         raise PlanError(
@@ -79,19 +79,19 @@ def _first_order(ctx: ScoreContext, stats: Statistics, path: str, param: str) ->
 
 
 def _taylor(ctx: ScoreContext) -> Scores:
-    stats = _stats(ctx, "taylor", GRADIENTS)
+    stats = require_stats(ctx, "taylor", GRADIENTS)
     return group_scores(
         ctx, lambda path, param: _first_order(ctx, stats, path, param), per_slice=torch.abs
     )
 
 
 def _taylor_e1(ctx: ScoreContext) -> Scores:
-    stats = _stats(ctx, "taylor_e1", GRADIENTS)
+    stats = require_stats(ctx, "taylor_e1", GRADIENTS)
     return group_scores(ctx, lambda path, param: _first_order(ctx, stats, path, param).abs())
 
 
 def _taylor_e2(ctx: ScoreContext) -> Scores:
-    stats = _stats(ctx, "taylor_e2", SECOND_ORDER)
+    stats = require_stats(ctx, "taylor_e2", SECOND_ORDER)
 
     def per_weight(path: str, param: str) -> torch.Tensor:
         w = _value(ctx, path, param)
@@ -103,7 +103,7 @@ def _taylor_e2(ctx: ScoreContext) -> Scores:
 
 # -- Wanda-sp ---------------------------------------------------------------------------------------
 def _wanda_sp(ctx: ScoreContext) -> Scores:
-    stats = _stats(ctx, "wanda_sp", ACTIVATIONS)
+    stats = require_stats(ctx, "wanda_sp", ACTIVATIONS)
     f = ctx.structure.family
 
     def on_inputs_of(roles: tuple[str, ...]):

@@ -112,7 +112,7 @@ class Explorer:
     def live(self) -> LivePreview:
         """The incremental preview over the evaluation windows (built on first use)."""
         if self._live is None:
-            self._live = LivePreview(self.model, self.structure, self.evaluation)
+            self._live = LivePreview(self.model, self.structure, self.evaluation, batch_size=1)
         return self._live
 
     def iter_perplexity(self, selection: Selection) -> Iterator[PerplexityStep]:
