@@ -17,9 +17,11 @@ from tqdm import tqdm
 
 from .data import TextSource, builtin_text
 from .errors import ExplorerError
+from .evaluate import perplexity
 from .importance import REDUCTIONS, criterion_names
 from .loading import EMBEDDED, cache_root, load_model
 from .plan import Plan
+from .recovery import RECOVERY_STEPS
 from .selection import Selection
 from .session import Explorer
 
@@ -58,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--evaluation", default=None, help="builtin, FILE, dataset:...")
     prune.add_argument("--calibration-windows", type=int, default=None)
     prune.add_argument("--calibration-length", type=int, default=None)
+    prune.add_argument(
+        "--recovery",
+        default=None,
+        help=f"comma-separated recovery steps after pruning: {', '.join(RECOVERY_STEPS)}",
+    )
     prune.add_argument("--save-plan", type=Path, default=None, help="write the plan JSON here")
     prune.add_argument("--prompt", default=None, help="also generate from this prompt")
     fetch = sub.add_parser("fetch", help="fetch and cache the embedded model and corpus")
@@ -100,6 +107,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     for key, value in overrides.items():
         if value is not None:
             setattr(plan, key, value)
+    if getattr(args, "recovery", None):
+        plan.recovery = [{"step": name.strip()} for name in args.recovery.split(",") if name]
     for key in ("calibration", "evaluation"):
         spec = getattr(args, key, None)
         if spec is not None:
@@ -194,6 +203,11 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         f"perplexity ({ex.evaluation.shape[0]} x {ex.evaluation.shape[1]} tokens): "
         f"dense {dense:.2f} -> pruned {pruned:.2f}"
     )
+    pruned_model = None
+    if plan.recovery:
+        pruned_model, steps = _with_bar("recovery", ex.recover, sel, plan.recovery)
+        recovered = _with_bar("recovered perplexity", perplexity, pruned_model, ex.evaluation)
+        print(f"after recovery ({', '.join(s['step'] for s in steps)}): perplexity {recovered:.2f}")
     if getattr(args, "prompt", None):
         print(f"\nprompt: {args.prompt}")
         print("dense :", ex.generate(Selection(), args.prompt)[0])
@@ -204,9 +218,13 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         "perplexity_before": dense,
         "perplexity_after": pruned,
         "scoring_seconds": scoring_s,
+        "recovery": plan.recovery,
         "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
         **sizes,
     }
+    if pruned_model is not None:
+        report["perplexity_after"] = recovered
+        report["perplexity_before_recovery"] = pruned
     if args.out:
         from .export import export_model
 
@@ -223,6 +241,7 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             report=report,
             overwrite=args.overwrite,
             verify_ids=ex.evaluation[:2],
+            pruned=pruned_model,
         )
         print(f"exported to {result.path} (max |logit diff| on reload {result.max_abs_diff:.2e})")
     return report

@@ -21,6 +21,8 @@ from .loading import Workspace
 from .masking import masked
 from .plan import Plan, resolve
 from .preview import LivePreview
+from .pruning import prune_model
+from .recovery import RecoveryContext, run_steps
 from .selection import Selection, flops_per_token, param_counts
 from .statistics import Statistics, collect_statistics
 from .structure import StructureMap
@@ -142,6 +144,20 @@ class Explorer:
         with masked(self.model, self.structure, selection):
             pruned = token_logprobs(self.model, ids)
         return dense - pruned
+
+    def recover(
+        self, selection: Selection, steps: list[dict], progress: Progress | None = None
+    ) -> tuple[torch.nn.Module, list[dict]]:
+        """A sliced copy of the model with the plan's recovery steps applied, and their reports.
+
+        Recovery changes the kept weights, so unlike the preview it works on a physical copy; the
+        shared model is left as it is.
+        """
+        pruned = prune_model(self.model, self.structure, selection)
+        ctx = RecoveryContext(
+            self.model, pruned, self.structure, selection, self.calibration, self._stats, progress
+        )
+        return pruned, run_steps(steps, ctx)
 
     def sizes(self, selection: Selection, context: int | None = None) -> dict[str, float]:
         """Parameter counts and FLOPs per token before and after ``selection``."""

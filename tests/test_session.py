@@ -112,3 +112,26 @@ def test_real_smollm2_pipeline(smollm2):
     with torch.no_grad():
         assert (small(ids).logits - masked_logits).abs().max() < 1e-4
     assert sum(p.numel() for p in small.parameters()) == param_counts(ex.structure, mixed)["total"]
+
+
+def test_cli_recovers_and_exports(tiny_llama_dir, texts, tmp_path, capsys):
+    calib, evaluation = texts
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_llama_dir), "--criterion", "wanda_sp"]
+    argv += ["--target", "0.3", "--calibration", str(calib), "--evaluation", str(evaluation)]
+    argv += ["--eval-length", "16", "--calibration-length", "16", "--recovery", "layerwise"]
+    assert main([*argv, "--out", str(out), "--save-plan", str(tmp_path / "plan.json")]) == 0
+    text = capsys.readouterr().out
+    assert "after recovery (layerwise)" in text and "exported to" in text
+    import json
+
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "plan.json").read_text())["recovery"] == [{"step": "layerwise"}]
+    recovered = float(text.split("after recovery (layerwise): perplexity ")[1].split()[0])
+    assert report["perplexity_after"] == pytest.approx(recovered, abs=0.006)
+    # The folder is refused a second time unless --overwrite.
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err.lower()
+    # The saved plan replays through the export command.
+    replay = ["export", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "again")]
+    assert main([*replay, "--eval-length", "16"]) == 0
