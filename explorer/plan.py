@@ -157,16 +157,16 @@ def resolve(plan: Plan, s: StructureMap, scores: Scores) -> Selection:
     """Which units go under ``plan``, given importance ``scores`` (lowest go first)."""
     plan.check(s.num_layers)
     layers = sorted(set(plan.remove_layers))
-    hidden = (
-        _lowest(scores, "hidden", round(plan.hidden_ratio * s.hidden)) if plan.hidden_ratio else []
-    )
+    # transformers requires hidden_size to stay a multiple of the head count: keep rounded up.
+    n_hidden = _removal_count(plan.hidden_ratio * s.hidden, s.hidden, s.heads)
+    hidden = _lowest(scores, "hidden", n_hidden) if n_hidden else []
     if plan.allocation == "global":
         heads, kv, mlp = _resolve_global(plan, s, scores)
     else:
         heads, kv, mlp = {}, {}, {}
         for layer, head_r, mlp_r in _layer_ratios(plan, s):
             _cut_attention(plan, s, scores, layer, head_r, heads, kv)
-            n_mlp = _mlp_count(mlp_r * s.intermediate, s.intermediate, plan.round_to)
+            n_mlp = _removal_count(mlp_r * s.intermediate, s.intermediate, plan.round_to)
             mlp[layer] = _lowest_in_layer(scores, "mlp", layer, n_mlp)
         if plan.allocation == "uniform" and plan.target is not None and plan.mlp_ratio is None:
             mlp = _fit_mlp_to_target(plan, s, scores, heads, kv, layers, hidden)
@@ -214,7 +214,7 @@ def _heads_evenly(scores: Scores, s: StructureMap, layer: int, per_group: int) -
     return out
 
 
-def _mlp_count(n_remove: float, width: int, round_to: int) -> int:
+def _removal_count(n_remove: float, width: int, round_to: int) -> int:
     """Channels to remove so that the kept width is a multiple of ``round_to`` (rounded up)."""
     kept = width - round(n_remove)
     kept = min(width, math.ceil(kept / round_to) * round_to) if kept > 0 else 0
@@ -250,7 +250,7 @@ def _fit_mlp_to_target(plan, s, scores, heads, kv, layers, hidden) -> dict[int, 
     cut = pruned_layers(plan, s)
     per_channel = 3 * (s.hidden - len(hidden)) + s.bias[s.family.gate] + s.bias[s.family.up]
     n = max(0.0, excess / per_channel / max(len(cut), 1))
-    n_mlp = _mlp_count(min(n, s.intermediate - 1), s.intermediate, plan.round_to)
+    n_mlp = _removal_count(min(n, s.intermediate - 1), s.intermediate, plan.round_to)
     return {layer: _lowest_in_layer(scores, "mlp", layer, n_mlp) for layer in cut}
 
 
@@ -289,7 +289,7 @@ def _resolve_global(plan: Plan, s: StructureMap, scores: Scores):
         taken[kind].setdefault(layer, []).extend(units)
         removed += len(units) * s.group_params(kind)
     mlp = {
-        layer: chans[: _mlp_count(len(chans), s.intermediate, plan.round_to)]
+        layer: chans[: _removal_count(len(chans), s.intermediate, plan.round_to)]
         for layer, chans in taken["mlp"].items()
     }
     return taken["head"], taken["kv"], mlp

@@ -131,12 +131,14 @@ class Explorer:
                 progress(step.done / step.total, f"perplexity {step.perplexity:.2f}")
         return step.perplexity
 
-    def generate(self, selection: Selection, prompt: str, **kwargs) -> tuple[str, torch.Tensor]:
-        """Continuation of ``prompt`` by the pruned view: (its text, prompt and continuation ids)."""
+    def generate(
+        self, selection: Selection, prompt: str, **kwargs
+    ) -> tuple[str, torch.Tensor, int]:
+        """Continuation of ``prompt`` by the pruned view: its text, all ids, the prompt's length."""
         tok = self.workspace.tokenizer
         with masked(self.model, self.structure, selection):
             ids, prompt_length = generate(self.model, tok, prompt, **kwargs)
-        return tok.decode(ids[prompt_length:], skip_special_tokens=True), ids
+        return tok.decode(ids[prompt_length:], skip_special_tokens=True), ids, prompt_length
 
     def logprob_drop(self, selection: Selection, ids: torch.Tensor) -> torch.Tensor:
         """How much each token's log-probability fell under pruning (positive = hurt)."""

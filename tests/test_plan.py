@@ -149,3 +149,12 @@ def test_global_keeps_a_head_per_group_and_channels(llama):
     for layer in range(3):
         assert sel.kept(llama, layer)["heads"] >= llama.kv_heads
         assert sel.kept(llama, layer)["intermediate"] >= 1
+
+
+def test_hidden_ratio_keeps_a_multiple_of_heads():
+    _, s = tiny("llama")
+    scores = {"hidden": torch.arange(s.hidden).float(), "mlp": torch.zeros(3, s.intermediate)}
+    sel = resolve(Plan(target=None, head_ratio=0.0, mlp_ratio=0.0, hidden_ratio=0.3), s, scores)
+    kept = s.hidden - len(sel.hidden)
+    assert kept % s.heads == 0 and kept == 36  # 48 - 14 = 34, rounded up to 36
+    assert sel.hidden == tuple(range(12))

@@ -1,0 +1,142 @@
+"""Pruning Explorer: see a model's structure, tune a pruning plan, watch the model change, export.
+
+    python app.py [--host 127.0.0.1] [--port 7860]
+
+Opens on the embedded SmolLM2-135M and the built-in Lee corpus (loaded on the first page load,
+with a progress bar). Without --host/--port, Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
+apply; the default is loopback only. Each tab is one module of ``components/``, which only calls
+the ``explorer`` library.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+# Before gradio is imported: no usage analytics unless the user asked for them.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import gradio as gr  # noqa: E402
+
+from components import export, heads, importance, model, plan, preview, structure  # noqa: E402
+from components.state import SessionState, Settings  # noqa: E402
+from explorer.plan import Plan  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+TITLE = "Pruning Explorer"
+
+
+def build_app(
+    *,
+    default_model: str = "smollm2-135m",
+    calibration_windows: int = 10,
+    eval_windows: int | None = None,
+) -> gr.Blocks:
+    """The app. ``eval_windows`` limits the evaluation windows (tests use a few; None: all)."""
+    settings = Settings(
+        default_model=default_model,
+        calibration_windows=calibration_windows,
+        evaluation_windows=eval_windows,
+    )
+    with gr.Blocks(title=TITLE) as demo:
+        session = gr.State(SessionState(plan=Plan(model=default_model)))
+        gr.Markdown(
+            f"# {TITLE}\nStructured pruning of causal LMs: look at the coupled structure, score "
+            "units, plan how much to cut where, preview perplexity and text live, export."
+        )
+        with gr.Tabs(elem_id="tabs"):
+            with gr.Tab("Model", id="model", elem_id="tab-model"):
+                model_panel = model.build(settings)
+            with gr.Tab("Structure", id="structure", elem_id="tab-structure"):
+                structure_panel = structure.build()
+            with gr.Tab("Heads", id="heads", elem_id="tab-heads"):
+                heads_panel = heads.build()
+            with gr.Tab("Importance", id="importance", elem_id="tab-importance"):
+                importance_panel = importance.build()
+            with gr.Tab("Plan", id="plan", elem_id="tab-plan"):
+                plan_panel = plan.build()
+            with gr.Tab("Preview", id="preview", elem_id="tab-preview"):
+                preview_panel = preview.build()
+            with gr.Tab("Export", id="export", elem_id="tab-export"):
+                export_panel = export.build(default_model)
+
+        loaded_outputs = [session, model_panel.status, model_panel.summary]
+        on_open = demo.load(
+            partial(model.on_page_load, settings),
+            session,
+            loaded_outputs,
+            api_visibility="private",
+            show_progress_on=[model_panel.summary],
+        )
+        on_load = model_panel.load.click(
+            partial(model.load, settings),
+            [session, *model_panel.inputs],
+            loaded_outputs,
+            api_name="load_model",
+            show_progress_on=[model_panel.summary],
+        )
+        # After a load the panels redraw; only the Load button's chain is a public endpoint.
+        for loaded, public in ((on_open, False), (on_load, True)):
+            structure.refresh_event(
+                structure_panel, session, loaded, "structure" if public else None
+            )
+            # One calibration pass serves every panel; its progress shows on the Model tab.
+            calibrated = loaded.success(
+                model.calibrate,
+                session,
+                model_panel.status,
+                show_progress_on=[model_panel.status],
+                api_visibility="private",
+            )
+            shown = plan.refresh_event(
+                plan_panel, session, calibrated, "show_plan" if public else None
+            )
+            heads.refresh_event(heads_panel, session, shown, "show_heads" if public else None)
+            importance.refresh_event(importance_panel, session, shown, None)
+
+        structure.wire(structure_panel, session)
+        heads.wire(heads_panel, session)
+        importance.wire(importance_panel, session)
+        plan_events = plan.wire(plan_panel, session)
+        preview.wire(preview_panel, session, plan_events)
+        export.wire(export_panel, session)
+        demo.load(None, js=(ASSETS / "bridge.js").read_text())
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **options):
+    """Start the server with the app's stylesheet; host/port None defer to Gradio's env vars."""
+    return demo.launch(
+        server_name=host,
+        server_port=port,
+        css_paths=[ASSETS / "app.css"],
+        share=False,
+        ssr_mode=False,
+        mcp_server=False,
+        **options,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=None, help="port (default: 7860 or the next free)"
+    )
+    parser.add_argument(
+        "--model", default="smollm2-135m", help="model opened on the first page load"
+    )
+    parser.add_argument(
+        "--eval-windows", type=int, default=None, help="limit the evaluation windows (default: all)"
+    )
+    args = parser.parse_args(argv)
+    demo = build_app(default_model=args.model, eval_windows=args.eval_windows)
+    launch(demo, args.host, args.port)
+
+
+if __name__ == "__main__":
+    main()

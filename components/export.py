@@ -1,0 +1,166 @@
+"""Export panel: write the pruned model to a folder, watching each check pass, then the report.
+
+The export is verified before it appears at its path (``explorer.export.export_model`` reloads the
+folder as a user would and compares logits). Its report carries the perplexities of this plan: the
+session's last preview when it was run for exactly this plan, measured here otherwise.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from html import escape
+from pathlib import Path
+
+import gradio as gr
+
+from explorer.errors import ExplorerError, ExportError
+from explorer.export import export_model
+
+from .preview import perplexities
+from .state import SHARED, SessionState, api, human, resolve, streamed, user_error
+
+
+@dataclass
+class ExportPanel:
+    folder: gr.Textbox
+    overwrite: gr.Checkbox
+    run: gr.Button
+    checks: gr.HTML
+    report: gr.JSON
+    files: gr.File
+
+
+def build(default_model: str) -> ExportPanel:
+    gr.Markdown(
+        "Writes a transformers folder (safetensors, config, tokenizer, plan.json, "
+        "selection.json, report.json). Per-layer sizes load with `trust_remote_code=True`; "
+        "uniform ones with plain `AutoModelForCausalLM.from_pretrained`."
+    )
+    with gr.Row():
+        folder = gr.Textbox(
+            label="Target folder",
+            value=f"out/{default_model}-pruned",
+            elem_id="export-folder",
+            scale=3,
+        )
+        overwrite = gr.Checkbox(label="Replace a non-empty folder", value=False, scale=1)
+    run = gr.Button("Export", variant="primary", elem_id="export-run")
+    checks = gr.HTML(elem_id="export-checks")
+    with gr.Row():
+        report = gr.JSON(label="report.json", elem_id="export-report", scale=2)
+        files = gr.File(
+            label="Download plan and report", file_count="multiple", elem_id="export-files", scale=1
+        )
+    return ExportPanel(folder, overwrite, run, checks, report, files)
+
+
+def checklist(done: list[str], current: str | None, failed: str | None = None) -> str:
+    items = [f"<li>✓ {escape(m)}</li>" for m in done]
+    if current:
+        items.append(f"<li>… {escape(current)}</li>")
+    if failed:
+        items.append(f'<li class="pe-error">⚠ {escape(failed)}</li>')
+    return f'<ul class="pe-checks">{"".join(items)}</ul>'
+
+
+def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.Request):
+    """Stream the checks as they pass; end with the report and the plan/report downloads."""
+    loaded = SHARED.get(session.model_key)
+    if not (folder or "").strip():
+        raise gr.Error("Type the folder to export to.")
+    try:
+        selection = resolve(loaded, session.plan, lambda *_: None)
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    plan = session.plan
+    ex = loaded.explorer
+    known = session.pruned_ppl if session.preview_plan == plan.to_json() else None
+
+    def work(emit):
+        if known is not None and loaded.dense_ppl is not None:
+            dense, pruned = loaded.dense_ppl, known
+        else:
+            dense, pruned = perplexities(
+                loaded,
+                selection,
+                lambda item: emit(
+                    f"Measuring {item[0]} perplexity ({item[1].done}/{item[1].total} windows, "
+                    f"running {item[1].perplexity:.2f})"
+                ),
+            )
+        report = {
+            "criterion": plan.criterion,
+            "reduction": plan.reduction,
+            "allocation": plan.allocation,
+            "perplexity_before": dense,
+            "perplexity_after": pruned,
+            "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
+            **ex.sizes(selection),
+        }
+        return export_model(
+            ex.model,
+            ex.workspace.tokenizer,
+            ex.structure,
+            selection,
+            folder.strip(),
+            plan=plan.to_dict(),
+            report=report,
+            overwrite=overwrite,
+            verify_ids=ex.evaluation[:2],
+            progress=lambda fraction, message: emit(message),
+        )
+
+    done: list[str] = []
+    current = None
+    try:
+        for kind, value in streamed(work, getattr(request, "session_hash", None)):
+            if kind == "done":
+                result = value
+                break
+            if current is not None and _step(current) != _step(value):
+                done.append(current)
+            current = value
+            yield checklist(done, current), gr.skip(), gr.skip()
+        else:
+            yield checklist(done, None, "Stopped."), None, None
+            return
+    except ExportError as exc:
+        yield checklist(done, None, str(exc)), None, None
+        raise user_error(exc) from exc
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    if current:
+        done.append(current)
+    done.append(
+        f"Verified: reloaded logits within {result.max_abs_diff:.1e} of the pruned model; "
+        f"{human(result.params_before)} → {human(result.params_after)} parameters"
+        + (" (load with trust_remote_code=True)" if result.remote_code else "")
+    )
+    yield checklist(done, None), result.report, downloads(session, result.path)
+
+
+def _step(message: str) -> str:
+    """Messages of one step differ only in their parenthesised counts."""
+    return message.split(" (")[0]
+
+
+def downloads(session: SessionState, folder: Path) -> list[str]:
+    """Copies of plan.json and report.json that Gradio may serve wherever the export went."""
+    spare = session.scratch("export")
+    out = []
+    for name in ("plan.json", "report.json"):
+        if (folder / name).is_file():
+            shutil.copy(folder / name, spare / name)
+            out.append(str(spare / name))
+    return out
+
+
+def wire(panel: ExportPanel, session: gr.State) -> None:
+    panel.run.click(
+        run_export,
+        [session, panel.folder, panel.overwrite],
+        [panel.checks, panel.report, panel.files],
+        show_progress_on=[panel.report],
+        **api("export"),
+    )

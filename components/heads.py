@@ -1,0 +1,197 @@
+"""Heads panel: which attention heads of a layer behave alike, and how important each head is.
+
+The similarity graph links heads whose attention distributions are close: an edge where the mean
+Jensen–Shannon divergence between two heads' attention rows is below the threshold (0.20 nats in
+the distribution-aware pruning paper). Node size is the head's importance under the plan's
+criterion; colour is its key-value group. The divergences come from the calibration pass, so
+moving the threshold or the layer only redraws.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import gradio as gr
+import plotly.graph_objects as go
+import torch
+
+from explorer.distribution_aware import DEFAULT_TAU, greedy_redundant_heads, head_similarity_graph
+from explorer.errors import ExplorerError
+
+from .state import ATTENTION, SHARED, TRACK, SessionState, api, gradio_progress, scores, user_error
+
+GROUP_COLOURS = [
+    "#4C78A8",
+    "#F58518",
+    "#54A24B",
+    "#E45756",
+    "#72B7B2",
+    "#B279A2",
+    "#FF9DA6",
+    "#9D755D",
+]
+
+
+@dataclass
+class HeadsPanel:
+    layer: gr.Slider
+    threshold: gr.Slider
+    graph: gr.Plot
+    summary: gr.Markdown
+    heatmap: gr.Plot
+
+
+def build() -> HeadsPanel:
+    gr.Markdown(
+        "Heads linked by an edge attend alike (mean Jensen–Shannon divergence below the "
+        "threshold); one of a linked pair can stand in for the other. Node size is importance "
+        "under the plan's criterion."
+    )
+    with gr.Row():
+        layer = gr.Slider(0, 1, value=0, step=1, label="Layer", elem_id="heads-layer")
+        threshold = gr.Slider(
+            0.0,
+            round(math.log(2), 2),
+            value=DEFAULT_TAU,
+            step=0.01,
+            label="Similarity threshold τ (JSD, nats): link heads closer than this",
+            elem_id="heads-threshold",
+        )
+    with gr.Row():
+        graph = gr.Plot(label="Head similarity graph", elem_id="head-graph", scale=1)
+        heatmap = gr.Plot(label="Head importance (layer × head)", elem_id="head-heatmap", scale=1)
+    summary = gr.Markdown(elem_id="heads-summary")
+    return HeadsPanel(layer, threshold, graph, summary, heatmap)
+
+
+def similarity_figure(
+    jsd: torch.Tensor, importance: torch.Tensor, group_size: int, tau: float, layer: int
+) -> go.Figure:
+    """Heads on a circle, kv groups together; edges where JSD < ``tau``, thicker when closer."""
+    graph = head_similarity_graph(jsd, tau)
+    n = jsd.shape[0]
+    angle = [2 * math.pi * h / n for h in range(n)]
+    x = [math.cos(a) for a in angle]
+    y = [math.sin(a) for a in angle]
+    fig = go.Figure()
+    for a, b, attrs in graph.edges(data=True):
+        closeness = 1 - attrs["weight"] / tau if tau > 0 else 1.0
+        fig.add_trace(
+            go.Scatter(
+                x=[x[a], x[b]],
+                y=[y[a], y[b]],
+                mode="lines",
+                line={"color": "#888", "width": 1 + 5 * closeness},
+                hoverinfo="skip",
+                showlegend=False,
+            )
+        )
+    imp = importance.float().cpu()
+    top = float(imp.max()) if float(imp.max()) > 0 else 1.0
+    sizes = [18 + 30 * max(float(v), 0.0) / top for v in imp]
+    fig.add_trace(
+        go.Scatter(
+            x=x,
+            y=y,
+            mode="markers+text",
+            text=[str(h) for h in range(n)],
+            textposition="middle center",
+            textfont={"color": "white"},
+            customdata=list(range(n)),
+            hovertext=[
+                f"head {h} (kv group {h // group_size})<br>importance {float(imp[h]):.3g}<br>"
+                f"{graph.degree[h]} similar heads"
+                for h in range(n)
+            ],
+            hoverinfo="text",
+            marker={
+                "size": sizes,
+                "color": [GROUP_COLOURS[(h // group_size) % len(GROUP_COLOURS)] for h in range(n)],
+                "line": {"color": "#333", "width": 1},
+            },
+            showlegend=False,
+        )
+    )
+    fig.update_layout(
+        title=f"Layer {layer}: {graph.number_of_edges()} linked pairs at τ = {tau:.2f}",
+        height=430,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        xaxis={"visible": False, "range": [-1.4, 1.4]},
+        yaxis={"visible": False, "range": [-1.4, 1.4], "scaleanchor": "x"},
+        plot_bgcolor="white",
+    )
+    return fig
+
+
+def importance_heatmap(scores: torch.Tensor, criterion: str, layer: int) -> go.Figure:
+    """Layer × head scores; the chosen layer is outlined."""
+    z = scores.float().cpu()
+    fig = go.Figure(
+        go.Heatmap(
+            z=z.tolist(),
+            colorscale="Viridis",
+            colorbar={"title": criterion},
+            hovertemplate="layer %{y}, head %{x}: %{z:.3g}<extra></extra>",
+        )
+    )
+    fig.add_shape(
+        type="rect",
+        x0=-0.5,
+        x1=z.shape[1] - 0.5,
+        y0=layer - 0.5,
+        y1=layer + 0.5,
+        line={"color": "red", "width": 2},
+    )
+    fig.update_layout(
+        height=430,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        title=f"Head importance: {criterion}",
+        xaxis={"title": "head", "dtick": 1},
+        yaxis={"title": "layer", "autorange": "reversed"},
+    )
+    return fig
+
+
+def show(session: SessionState, layer: float, threshold: float, progress=TRACK):
+    """Both figures for ``layer``; the first call collects the statistics (once per model)."""
+    loaded = SHARED.get(session.model_key)
+    s = loaded.structure
+    layer = min(int(layer), s.num_layers - 1)
+    plan = session.plan
+    try:
+        heads = scores(loaded, plan.criterion, plan.reduction, gradio_progress(progress))["head"]
+        with SHARED.lock:
+            jsd = loaded.explorer.statistics(ATTENTION).jsd(layer)
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    redundant = greedy_redundant_heads(jsd, threshold, heads[layer])
+    pairs = head_similarity_graph(jsd, threshold).number_of_edges()
+    summary = (
+        f"Layer {layer}: {pairs} pairs of heads closer than τ = {threshold:.2f}. The greedy rule "
+        f"(keep the more important head of each linked pair) marks heads "
+        f"{redundant or 'none'} as redundant. Mean JSD between heads: "
+        f"{float(jsd.sum() / max(jsd.numel() - jsd.shape[0], 1)):.3f} nats."
+    )
+    return (
+        gr.Slider(maximum=s.num_layers - 1, value=layer),
+        similarity_figure(jsd, heads[layer], s.group_size, threshold, layer),
+        summary,
+        importance_heatmap(heads, plan.criterion, layer),
+    )
+
+
+def wire(panel: HeadsPanel, session: gr.State) -> None:
+    outputs = [panel.layer, panel.graph, panel.summary, panel.heatmap]
+    inputs = [session, panel.layer, panel.threshold]
+    panel.layer.release(show, inputs, outputs, **api("head_graph"), trigger_mode="always_last")
+    panel.threshold.release(show, inputs, outputs, **api(None), trigger_mode="always_last")
+
+
+def refresh_event(panel: HeadsPanel, session: gr.State, after, name: str | None = None):
+    return after.then(
+        show,
+        [session, panel.layer, panel.threshold],
+        [panel.layer, panel.graph, panel.summary, panel.heatmap],
+        **api(name),
+    )

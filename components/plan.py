@@ -1,0 +1,465 @@
+"""Plan panel: how much to cut where, with live parameter and FLOP counters; save/load as JSON.
+
+The table has one row per layer of whatever model is loaded. Under a uniform or global allocation
+its ratio columns show what the plan resolved to; editing a ratio there turns the plan into a
+per-layer one that starts from exactly those values. Every change re-resolves the plan against the
+cached scores (milliseconds) and redraws the counters; nothing re-reads the calibration data unless
+a criterion is chosen whose statistics have not been collected yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import gradio as gr
+
+from explorer.errors import ExplorerError, PlanError
+from explorer.importance import REDUCTIONS, criterion_names
+from explorer.plan import Plan
+from explorer.selection import Selection, layer_params
+
+from .state import (
+    SHARED,
+    TRACK,
+    Loaded,
+    SessionState,
+    api,
+    gradio_progress,
+    human,
+    resolve,
+    status,
+    user_error,
+)
+
+COLUMNS = ["layer", "head ratio", "MLP ratio", "remove", "heads kept", "MLP kept", "parameters"]
+RATIO_TOLERANCE = 1e-3
+
+
+@dataclass
+class PlanPanel:
+    allocation: gr.Radio
+    criterion: gr.Dropdown
+    reduction: gr.Dropdown
+    target: gr.Slider
+    attention_unit: gr.Radio
+    protect_first: gr.Number
+    protect_last: gr.Number
+    round_to: gr.Dropdown
+    table: gr.Dataframe
+    counters: gr.HTML
+    status: gr.HTML
+    info: gr.JSON
+    save: gr.DownloadButton
+    load: gr.UploadButton
+
+    @property
+    def controls(self) -> list:
+        return [
+            self.allocation,
+            self.criterion,
+            self.reduction,
+            self.target,
+            self.attention_unit,
+            self.protect_first,
+            self.protect_last,
+            self.round_to,
+            self.table,
+        ]
+
+    @property
+    def outputs(self) -> list:
+        """What every plan change redraws (the session state is prepended by ``wire``)."""
+        return [*self.controls, self.counters, self.status, self.info, self.save]
+
+
+def build() -> PlanPanel:
+    plan = Plan()
+    with gr.Row():
+        allocation = gr.Radio(
+            ["uniform", "per_layer", "global"],
+            value=plan.allocation,
+            label="Allocation",
+            info="uniform: the same cut in every unprotected layer; global: cheapest units "
+            "first across layers; per_layer: the table below.",
+            elem_id="plan-allocation",
+            scale=3,
+        )
+        criterion = gr.Dropdown(
+            criterion_names(), value=plan.criterion, label="Criterion", elem_id="plan-criterion"
+        )
+        reduction = gr.Dropdown(list(REDUCTIONS), value=plan.reduction, label="Reduction")
+    with gr.Row():
+        target = gr.Slider(
+            0.0,
+            0.9,
+            value=plan.target,
+            step=0.01,
+            label="Global target: share of decoder-block parameters to remove",
+            info="uniform and global allocations",
+            elem_id="plan-target",
+            scale=3,
+        )
+        attention_unit = gr.Radio(["head", "kv"], value=plan.attention_unit, label="Attention unit")
+        round_to = gr.Dropdown(
+            [1, 8, 32, 64], value=plan.round_to, label="Keep MLP width a multiple of"
+        )
+    with gr.Row():
+        protect_first = gr.Number(
+            plan.protect_first, precision=0, minimum=0, label="Protect the first N layers"
+        )
+        protect_last = gr.Number(
+            plan.protect_last, precision=0, minimum=0, label="Protect the last N layers"
+        )
+    counters = gr.HTML(elem_id="plan-counters")
+    plan_status = gr.HTML(elem_id="plan-status")
+    table = gr.Dataframe(
+        headers=COLUMNS,
+        datatype=["number", "number", "number", "bool", "str", "str", "str"],
+        static_columns=[0, 4, 5, 6],
+        interactive=True,
+        label="Per layer: share of query heads and MLP channels to remove (edit to make the "
+        "plan per-layer), or remove the whole layer",
+        elem_id="plan-table",
+        max_height=420,
+    )
+    with gr.Row():
+        save = gr.DownloadButton("Save plan JSON", elem_id="plan-save")
+        load = gr.UploadButton("Load plan JSON", file_types=[".json"], elem_id="plan-load")
+    info = gr.JSON(visible=False, elem_id="plan-info")
+    return PlanPanel(
+        allocation,
+        criterion,
+        reduction,
+        target,
+        attention_unit,
+        protect_first,
+        protect_last,
+        round_to,
+        table,
+        counters,
+        plan_status,
+        info,
+        save,
+        load,
+    )
+
+
+# -- the table ----------------------------------------------------------------------------------------
+def ratios_of(loaded: Loaded, selection: Selection) -> tuple[list[float], list[float]]:
+    """Per layer, the share of query heads and MLP channels ``selection`` removes."""
+    s = loaded.structure
+    heads = [round(len(selection.heads.get(i, ())) / s.heads, 4) for i in range(s.num_layers)]
+    mlp = [round(len(selection.mlp.get(i, ())) / s.intermediate, 4) for i in range(s.num_layers)]
+    return heads, mlp
+
+
+def table_rows(loaded: Loaded, plan: Plan, selection: Selection | None) -> list[list]:
+    s = loaded.structure
+    if plan.allocation == "per_layer":
+        heads = plan.head_ratios or [0.0] * s.num_layers
+        mlp = plan.mlp_ratios or [0.0] * s.num_layers
+    elif selection is not None:
+        heads, mlp = ratios_of(loaded, selection)
+    else:
+        heads = mlp = [None] * s.num_layers
+    rows = []
+    for i in range(s.num_layers):
+        removed = i in plan.remove_layers
+        if selection is None:
+            kept = ["—", "—", "—"]
+        elif removed:
+            kept = ["0 (layer removed)", "0", "0"]
+        else:
+            k = selection.kept(s, i)
+            kept = [
+                f"{k['heads']}/{s.heads} ({k['kv_heads']} kv)",
+                f"{k['intermediate']}/{s.intermediate}",
+                human(layer_params(s, selection, i)),
+            ]
+        rows.append([i, heads[i], mlp[i], removed, *kept])
+    return rows
+
+
+def _column(table, index: int, cast) -> list:
+    rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
+    out = []
+    for row in rows:
+        value = row[index]
+        if cast is bool:
+            out.append(value in (True, "true", "True", 1, "1"))
+            continue
+        try:
+            out.append(float(value))
+        except (TypeError, ValueError):
+            raise PlanError(
+                f"Layer {row[0]}: '{value}' is not a number. Type a share between 0 and 1."
+            ) from None
+    return out
+
+
+# -- building and applying a plan ---------------------------------------------------------------------
+def plan_from_controls(
+    base: Plan,
+    allocation: str,
+    criterion: str,
+    reduction: str,
+    target: float,
+    attention_unit: str,
+    protect_first: float | None,
+    protect_last: float | None,
+    round_to: int,
+    table,
+) -> Plan:
+    """The session's plan with the panel's values; table ratios count only for per_layer."""
+    removed = _column(table, 3, bool)
+    plan = replace(
+        base,
+        allocation=allocation,
+        criterion=criterion,
+        reduction=reduction,
+        target=float(target),
+        attention_unit=attention_unit,
+        protect_first=int(protect_first or 0),
+        protect_last=int(protect_last or 0),
+        round_to=int(round_to),
+        remove_layers=[i for i, r in enumerate(removed) if r],
+        head_ratio=None,
+        mlp_ratio=None,
+        head_ratios=_column(table, 1, float) if allocation == "per_layer" else None,
+        mlp_ratios=_column(table, 2, float) if allocation == "per_layer" else None,
+    )
+    return plan
+
+
+def evaluate_plan(
+    loaded: Loaded, plan: Plan, progress: gr.Progress
+) -> tuple[Selection | None, str | None]:
+    """The selection, or the reason the plan cannot be built."""
+    try:
+        return resolve(loaded, plan, gradio_progress(progress)), None
+    except ExplorerError as exc:
+        return None, str(exc)
+
+
+def render(session: SessionState, selection: Selection | None, error: str | None):
+    """Every output of a plan change, for the session's (possibly invalid) plan."""
+    loaded = SHARED.get(session.model_key)
+    plan = session.plan
+    info = {"plan": plan.to_dict(), "error": error, "sizes": None, "kept": None}
+    if selection is not None:
+        sizes = loaded.explorer.sizes(selection)
+        info["sizes"] = sizes
+        info["kept"] = [
+            selection.kept(loaded.structure, i) for i in range(loaded.structure.num_layers)
+        ]
+        counters = counters_html(sizes, selection, loaded)
+        message = status("The plan is valid.", "ok")
+    else:
+        counters = counters_html(None, None, loaded)
+        message = status(error or "", "error")
+    return (
+        session,
+        plan.allocation,
+        plan.criterion,
+        plan.reduction,
+        plan.target if plan.target is not None else 0.0,
+        plan.attention_unit,
+        plan.protect_first,
+        plan.protect_last,
+        plan.round_to,
+        table_rows(loaded, plan, selection),
+        counters,
+        message,
+        info,
+        plan_file(session),
+    )
+
+
+def plan_file(session: SessionState) -> str:
+    """The session's plan as ``plan.json`` in its own folder, for the download button."""
+    path = session.scratch("plan") / "plan.json"
+    session.plan.save(path)
+    return str(path)
+
+
+def counters_html(sizes: dict | None, selection: Selection | None, loaded: Loaded) -> str:
+    """Parameters and estimated FLOPs per token, before and after."""
+    if sizes is None:
+        return '<div class="pe-counters pe-muted">No valid plan: counters unavailable.</div>'
+
+    def box(title: str, before: float, after: float) -> str:
+        change = (after - before) / before if before else 0.0
+        return (
+            f'<div class="pe-counter"><div class="pe-counter-title">{title}</div>'
+            f'<div class="pe-counter-value">{human(before)} → <b>{human(after)}</b></div>'
+            f'<div class="pe-counter-change">{change:+.1%}</div></div>'
+        )
+
+    s = loaded.structure
+    removed_heads = sum(len(v) for k, v in selection.heads.items() if k not in selection.layers)
+    removed_mlp = sum(len(v) for k, v in selection.mlp.items() if k not in selection.layers)
+    context = loaded.explorer.evaluation.shape[1]
+    return (
+        '<div class="pe-counters">'
+        + box("Parameters", sizes["params_before"], sizes["params_after"])
+        + box("Decoder blocks", sizes["block_params_before"], sizes["block_params_after"])
+        + box(f"FLOPs / token (context {context})", sizes["flops_before"], sizes["flops_after"])
+        + f'<div class="pe-counter"><div class="pe-counter-title">Removed</div>'
+        f'<div class="pe-counter-value">{removed_heads} of {s.heads * s.num_layers} query heads, '
+        f"{removed_mlp:,} of {s.intermediate * s.num_layers:,} MLP channels, "
+        f"{len(selection.layers)} of {s.num_layers} layers</div></div>"
+        "</div>"
+    )
+
+
+def apply(
+    session: SessionState,
+    allocation: str,
+    criterion: str,
+    reduction: str,
+    target: float,
+    attention_unit: str,
+    protect_first: float | None,
+    protect_last: float | None,
+    round_to: int,
+    table,
+    progress=TRACK,
+):
+    """Any change of a control: the new plan, re-resolved, with its counters."""
+    loaded = SHARED.get(session.model_key)
+    controls = (allocation, criterion, reduction, target, attention_unit)
+    try:
+        session.plan = plan_from_controls(
+            session.plan, *controls, protect_first, protect_last, round_to, table
+        )
+        session.plan.check(loaded.structure.num_layers)
+    except PlanError as exc:
+        return render(session, None, str(exc))
+    return render(session, *evaluate_plan(loaded, session.plan, progress))
+
+
+def edit_table(
+    session: SessionState,
+    allocation: str,
+    criterion: str,
+    reduction: str,
+    target: float,
+    attention_unit: str,
+    protect_first: float | None,
+    protect_last: float | None,
+    round_to: int,
+    table,
+    progress=TRACK,
+):
+    """A table edit: an edited ratio turns a uniform/global plan into a per-layer one."""
+    loaded = SHARED.get(session.model_key)
+    if allocation != "per_layer":
+        shown, _ = evaluate_plan(loaded, session.plan, progress)
+        if shown is not None:
+            try:
+                if _differs(table, *ratios_of(loaded, shown)):
+                    allocation = "per_layer"
+            except PlanError as exc:
+                return render(session, None, str(exc))
+    return apply(
+        session,
+        allocation,
+        criterion,
+        reduction,
+        target,
+        attention_unit,
+        protect_first,
+        protect_last,
+        round_to,
+        table,
+        progress,
+    )
+
+
+def _differs(table, heads: list[float], mlp: list[float]) -> bool:
+    pairs = zip(_column(table, 1, float) + _column(table, 2, float), heads + mlp, strict=True)
+    return any(abs(a - b) > RATIO_TOLERANCE for a, b in pairs)
+
+
+def show(session: SessionState, progress=TRACK):
+    """Redraw for the session's plan (after a model load)."""
+    loaded = SHARED.get(session.model_key)
+    try:
+        session.plan.check(loaded.structure.num_layers)
+    except PlanError as exc:
+        return render(session, None, str(exc))
+    return render(session, *evaluate_plan(loaded, session.plan, progress))
+
+
+def load_plan(session: SessionState, path: str | None, progress=TRACK):
+    """A plan file from the user: refused with a readable error, the current plan kept."""
+    loaded = SHARED.get(session.model_key)
+    try:
+        if not path:
+            raise PlanError("No file was uploaded. Choose a plan .json file.")
+        plan = Plan.load(path)
+        plan.check(loaded.structure.num_layers)
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    source = loaded.summary["source"]
+    if plan.model != source:
+        gr.Warning(f"The plan was made for {plan.model}; it is applied to {source}.")
+        plan.model = source
+    current = session.plan
+    if (plan.calibration, plan.evaluation) != (current.calibration, current.evaluation):
+        gr.Warning(
+            "The plan names other calibration or evaluation text; the loaded text is used. "
+            "Choose the plan's text on the Model tab and load again to use it."
+        )
+    plan.calibration, plan.evaluation = current.calibration, current.evaluation
+    session.plan = plan
+    return render(session, *evaluate_plan(loaded, plan, progress))
+
+
+def wire(panel: PlanPanel, session: gr.State) -> list:
+    """Connect the controls; returns the events that change the plan (for the live preview)."""
+    inputs = [session, *panel.controls]
+    outputs = [session, *panel.outputs]
+    events = []
+    for control in panel.controls[:-1]:
+        trigger = control.release if isinstance(control, gr.Slider) else control.input
+        events.append(
+            trigger(
+                apply,
+                inputs,
+                outputs,
+                **api("set_plan" if control is panel.allocation else None),
+                trigger_mode="always_last",
+                show_progress_on=[panel.counters],
+            )
+        )
+    events.append(
+        panel.table.input(
+            edit_table,
+            inputs,
+            outputs,
+            **api("edit_table"),
+            trigger_mode="always_last",
+            show_progress_on=[panel.counters],
+        )
+    )
+    events.append(
+        panel.load.upload(
+            load_plan,
+            [session, panel.load],
+            outputs,
+            show_progress="hidden",  # quick; a refused file shows only its toast
+            **api("load_plan"),
+        )
+    )
+    return events
+
+
+def refresh_event(panel: PlanPanel, session: gr.State, after, name: str | None = None):
+    return after.success(
+        show,
+        [session],
+        [session, *panel.outputs],
+        **api(name),
+        show_progress_on=[panel.counters],
+    )

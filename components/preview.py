@@ -1,0 +1,309 @@
+"""Preview panel: dense vs pruned perplexity streamed batch by batch, and side-by-side generations.
+
+The pruned view is the shared model under reversible masks, so nothing is copied. The dense
+perplexity is measured once per loaded model; the pruned one restarts from the first layer the plan
+changed since the last preview (``Explorer.iter_perplexity``), so moving one late layer's ratio
+recomputes only the layers after it. A running preview stops at the next batch when Stop is pressed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import closing
+from dataclasses import dataclass
+
+import gradio as gr
+import plotly.graph_objects as go
+import torch
+
+from explorer.errors import ExplorerError
+from explorer.selection import Selection
+
+from .state import (
+    SHARED,
+    TRACK,
+    Loaded,
+    SessionState,
+    api,
+    gradio_progress,
+    resolve,
+    status,
+    stop_runs,
+    streamed,
+    user_error,
+)
+
+BIG_DROP, DROP = 2.0, 1.0  # nats: how far a token's log-probability fell to be highlighted
+LABELS = {"big": f"fell > {BIG_DROP:g} nats", "drop": f"fell {DROP:g}–{BIG_DROP:g} nats"}
+DIVERGES = "pruned output diverges here"
+
+
+@dataclass
+class PreviewPanel:
+    run: gr.Button
+    stop: gr.Button
+    auto: gr.Checkbox
+    dense: gr.Textbox
+    pruned: gr.Textbox
+    status: gr.HTML
+    curve: gr.Plot
+    prompt: gr.Textbox
+    max_new_tokens: gr.Slider
+    seed: gr.Number
+    sample: gr.Checkbox
+    generate: gr.Button
+    dense_text: gr.HighlightedText
+    pruned_text: gr.HighlightedText
+    generation_status: gr.Markdown
+
+
+def build() -> PreviewPanel:
+    gr.Markdown(
+        "Perplexity on the evaluation windows, dense and pruned (masks on the shared model, "
+        "nothing copied), updated after every batch."
+    )
+    with gr.Row():
+        run = gr.Button("Run preview", variant="primary", elem_id="preview-run")
+        stop = gr.Button("Stop", variant="stop", elem_id="preview-stop")
+        auto = gr.Checkbox(
+            value=False, label="Preview again after every plan change", elem_id="preview-auto"
+        )
+    with gr.Row():
+        dense = gr.Textbox(label="Dense perplexity", interactive=False, elem_id="preview-dense")
+        pruned = gr.Textbox(label="Pruned perplexity", interactive=False, elem_id="preview-pruned")
+    preview_status = gr.HTML(elem_id="preview-status")
+    curve = gr.Plot(label="Running perplexity", elem_id="preview-curve")
+    gr.Markdown("### The same prompt, dense and pruned")
+    with gr.Row():
+        prompt = gr.Textbox(
+            value="What is the capital of France?",
+            label="Prompt",
+            elem_id="gen-prompt",
+            scale=3,
+        )
+        max_new_tokens = gr.Slider(
+            8, 128, value=40, step=8, label="New tokens", elem_id="gen-tokens"
+        )
+        seed = gr.Number(0, precision=0, label="Seed")
+        sample = gr.Checkbox(value=False, label="Sample (top-k 50) instead of greedy")
+    generate = gr.Button("Generate with both", elem_id="gen-run")
+    colours = {LABELS["big"]: "#E45756", LABELS["drop"]: "#F2B134", DIVERGES: "#4C78A8"}
+    with gr.Row():
+        dense_text = gr.HighlightedText(
+            label="Dense (highlighted: tokens the pruned model finds much less likely)",
+            color_map=colours,
+            show_legend=True,
+            elem_id="gen-dense",
+        )
+        pruned_text = gr.HighlightedText(
+            label="Pruned", color_map=colours, show_legend=True, elem_id="gen-pruned"
+        )
+    generation_status = gr.Markdown(elem_id="gen-status")
+    return PreviewPanel(
+        run,
+        stop,
+        auto,
+        dense,
+        pruned,
+        preview_status,
+        curve,
+        prompt,
+        max_new_tokens,
+        seed,
+        sample,
+        generate,
+        dense_text,
+        pruned_text,
+        generation_status,
+    )
+
+
+# -- perplexity ---------------------------------------------------------------------------------------
+def perplexities(loaded: Loaded, selection: Selection, emit: Callable) -> tuple[float, float]:
+    """Dense (once per model) then pruned perplexity; ``emit((view, step))`` after every batch.
+
+    Runs in a worker that holds the lock (see ``state.streamed``).
+    """
+    ex = loaded.explorer
+    if loaded.dense_ppl is None:
+        loaded.dense_ppl = _stream(ex.iter_perplexity(Selection()), "dense", emit)
+    return loaded.dense_ppl, _stream(ex.iter_perplexity(selection), "pruned", emit)
+
+
+def _stream(steps: Iterator, view: str, emit: Callable) -> float:
+    step = None
+    with closing(steps):  # a stop closes the run at once, taking its masks off
+        for step in steps:
+            emit((view, step))
+    return step.perplexity if step is not None else math.nan
+
+
+def curve_figure(curves: dict[str, list[tuple[int, float]]], total: int) -> go.Figure:
+    fig = go.Figure()
+    for view, colour in (("dense", "#4C78A8"), ("pruned", "#E45756")):
+        points = curves.get(view) or []
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in points],
+                y=[p[1] for p in points],
+                mode="lines+markers",
+                name=view,
+                line={"color": colour},
+            )
+        )
+    fig.update_layout(
+        height=300,
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        xaxis={"title": "evaluation windows done", "range": [0, total + 0.5]},
+        yaxis={"title": "running perplexity (log scale)", "type": "log"},
+        legend={"orientation": "h", "y": 1.1, "x": 1, "xanchor": "right"},
+    )
+    return fig
+
+
+def shown(value: float | None) -> str:
+    return "" if value is None else f"{value:.3f}"
+
+
+def run_preview(session: SessionState, request: gr.Request):
+    """Stream both perplexities; the session records the pruned one with the plan it belongs to."""
+    loaded = SHARED.get(session.model_key)
+    try:
+        selection = resolve(loaded, session.plan, lambda *_: None)
+    except ExplorerError as exc:
+        yield session, gr.skip(), "", status(f"No preview: {exc}", "error"), gr.skip()
+        return
+    plan_json = session.plan_json()
+    total = loaded.explorer.evaluation.shape[0]
+    curves: dict[str, list] = {"dense": [], "pruned": []}
+    if loaded.dense_ppl is not None:  # measured once per model: a flat line
+        curves["dense"] = [(1, loaded.dense_ppl), (total, loaded.dense_ppl)]
+    dense, pruned = loaded.dense_ppl, None
+    work = lambda emit: perplexities(loaded, selection, emit)  # noqa: E731
+    try:
+        for kind, value in streamed(work, getattr(request, "session_hash", None)):
+            if kind == "done":
+                dense, pruned = value
+                session.pruned_ppl, session.preview_plan = pruned, plan_json
+                change = pruned / dense - 1 if dense else math.nan
+                message = status(
+                    f"Done on {total} windows: dense {dense:.3f}, pruned {pruned:.3f} "
+                    f"({change:+.1%}).",
+                    "ok",
+                )
+                yield session, shown(dense), shown(pruned), message, curve_figure(curves, total)
+                return
+            view, step = value
+            curves[view].append((step.done, step.perplexity))
+            if view == "dense":
+                dense = step.perplexity
+            else:
+                pruned = step.perplexity
+            message = status(
+                f"{view}: {step.done}/{step.total} windows, running perplexity "
+                f"{step.perplexity:.3f}"
+            )
+            yield session, shown(dense), shown(pruned), message, curve_figure(curves, total)
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    stopped_message = status("Stopped.", "info")
+    yield session, shown(dense), shown(pruned), stopped_message, curve_figure(curves, total)
+
+
+def auto_preview(session: SessionState, auto: bool, request: gr.Request):
+    """After a plan change: preview again when asked to and the plan is valid."""
+    if not auto:
+        yield (gr.skip(),) * 5
+        return
+    yield from run_preview(session, request)
+
+
+def stopped() -> str:
+    return status("Stopped.", "info")
+
+
+# -- generation ---------------------------------------------------------------------------------------
+def continuation(ex, selection: Selection, prompt: str, **kwargs) -> tuple[torch.Tensor, int]:
+    """All token ids (prompt + continuation) of one view, and where the continuation starts."""
+    _, ids, prompt_length = ex.generate(selection, prompt, **kwargs)
+    return ids, prompt_length
+
+
+def highlighted(tokenizer, ids: torch.Tensor, labels: list[str | None]) -> list[tuple]:
+    """(token text, label) pairs; line breaks drawn as ↵ so a run of them stays visible."""
+    return [
+        (tokenizer.decode([int(i)]).replace("\n", "↵"), label)
+        for i, label in zip(ids, labels, strict=True)
+    ]
+
+
+def generate(
+    session: SessionState,
+    prompt: str,
+    max_new_tokens: float,
+    seed: float,
+    sample: bool,
+    progress=TRACK,
+):
+    """Dense and pruned continuations of one prompt with one seed, the drops highlighted."""
+    loaded = SHARED.get(session.model_key)
+    if not (prompt or "").strip():
+        raise gr.Error("Type a prompt first.")
+    options = {"max_new_tokens": int(max_new_tokens), "seed": int(seed or 0), "sample": sample}
+    report = gradio_progress(progress)
+    try:
+        selection = resolve(loaded, session.plan, report)
+        ex = loaded.explorer
+        with SHARED.lock:
+            report(0.1, "Generating with the dense model")
+            dense_ids, start = continuation(ex, Selection(), prompt, **options)
+            report(0.45, "Generating with the pruned model")
+            pruned_ids, _ = continuation(ex, selection, prompt, **options)
+            report(0.8, "Scoring the dense text with both")
+            drop = ex.logprob_drop(selection, dense_ids)[start:]
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    tok = ex.workspace.tokenizer
+    dense_new, pruned_new = dense_ids[start:], pruned_ids[start:]
+    dense_labels = [
+        LABELS["big"] if d >= BIG_DROP else LABELS["drop"] if d >= DROP else None
+        for d in drop.tolist()
+    ]
+    pruned_labels: list[str | None] = [None] * len(pruned_new)
+    same = [int(a) == int(b) for a, b in zip(dense_new, pruned_new, strict=False)]
+    first = same.index(False) if False in same else None
+    if first is not None:
+        pruned_labels[first] = DIVERGES
+    mean_drop = float(drop.mean()) if drop.numel() else 0.0
+    summary = (
+        f"Mean log-probability drop over the dense continuation: **{mean_drop:.2f} nats/token**; "
+        + (
+            f"the pruned text diverges at token {first + 1}."
+            if first is not None
+            else "the pruned text is identical."
+        )
+    )
+    return (
+        highlighted(tok, dense_new, dense_labels),
+        highlighted(tok, pruned_new, pruned_labels),
+        summary,
+    )
+
+
+def wire(panel: PreviewPanel, session: gr.State, plan_events: list) -> None:
+    outputs = [session, panel.dense, panel.pruned, panel.status, panel.curve]
+    shown = {"show_progress_on": [panel.status]}
+    runs = [panel.run.click(run_preview, [session], outputs, **shown, **api("preview"))]
+    for event in plan_events:
+        runs.append(event.then(auto_preview, [session, panel.auto], outputs, **shown, **api(None)))
+    panel.stop.click(stop_runs, None, None, cancels=runs, **api("stop"), queue=False).then(
+        stopped, None, panel.status, **api(None)
+    )
+    panel.generate.click(
+        generate,
+        [session, panel.prompt, panel.max_new_tokens, panel.seed, panel.sample],
+        [panel.dense_text, panel.pruned_text, panel.generation_status],
+        show_progress_on=[panel.generation_status],
+        **api("generate"),
+    )

@@ -1,0 +1,260 @@
+"""What the panels share: the loaded models (one copy for every browser session), the lock that
+serialises heavy work on them, each session's own plan and results, and small UI helpers.
+
+A loaded model with its data and caches (an ``Explorer``) is keyed by everything that determines
+it (source, dtype, calibration and evaluation text, window counts), so two sessions that ask for the
+same thing share one copy and its cached statistics and scores. Everything that differs between
+sessions (the plan, the last preview, the selected node) lives in ``SessionState``, held by a
+``gr.State`` per browser tab.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from explorer.data import TextSource
+from explorer.errors import ExplorerError
+from explorer.importance import Needs, get_criterion
+from explorer.loading import load_model
+from explorer.plan import Plan
+from explorer.selection import Selection
+from explorer.session import Explorer
+
+Progress = Callable[[float, str], None]
+# The default that tells Gradio to pass a progress tracker (it replaces it with one per call).
+TRACK = gr.Progress()
+# Head similarity needs attention probabilities; collecting them with the plan's criterion's needs
+# in one calibration pass means switching to the Heads panel never re-reads the data.
+ATTENTION = Needs(attention=True)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """App-wide choices made at start-up (tests use fewer windows to stay fast)."""
+
+    default_model: str = "smollm2-135m"
+    calibration_windows: int = 10
+    calibration_length: int = 64
+    evaluation_length: int = 256
+    evaluation_windows: int | None = None
+
+
+@dataclass
+class Loaded:
+    """One loaded model with its data: shared by every session that loaded the same thing."""
+
+    key: str
+    explorer: Explorer
+    summary: dict
+    dense_ppl: float | None = None  # set by the first preview that ran to the end
+
+    @property
+    def structure(self):
+        return self.explorer.structure
+
+
+class Shared:
+    """The loaded models, at most ``capacity`` of them, and one lock for all heavy work.
+
+    One lock, not one per model: two models on one small machine gain nothing from running at
+    once, and masks put on a shared model by one session must never be seen by another.
+    """
+
+    def __init__(self, capacity: int = 2):
+        self.lock = threading.Lock()
+        self.capacity = capacity
+        self._entries: OrderedDict[str, Loaded] = OrderedDict()
+
+    def get(self, key: str | None) -> Loaded:
+        if key is None or key not in self._entries:
+            raise gr.Error(
+                "No model is loaded in this session (or it was unloaded to make room). "
+                "Press Load on the Model tab."
+            )
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def open(
+        self,
+        source: str,
+        dtype: str,
+        calibration: dict,
+        evaluation: dict,
+        settings: Settings,
+        progress: Progress,
+    ) -> Loaded:
+        """The shared entry for this model and data, loading it (under the lock) if needed."""
+        key = json.dumps(
+            [source, dtype, calibration, evaluation, settings.__dict__], sort_keys=True
+        )
+        with self.lock:
+            if key in self._entries:
+                self._entries.move_to_end(key)
+                return self._entries[key]
+            progress(0.0, f"Loading {source}")
+            workspace = load_model(source, dtype=dtype, progress=_scaled(progress, 0.0, 0.6))
+            progress(0.65, "Reading calibration text")
+            calib_text = TextSource.from_dict(calibration).resolve("calibration", workspace)
+            progress(0.8, "Reading evaluation text")
+            eval_text = TextSource.from_dict(evaluation).resolve("evaluation", workspace)
+            explorer = Explorer.from_texts(
+                workspace,
+                calib_text,
+                eval_text,
+                calibration_windows=settings.calibration_windows,
+                calibration_length=settings.calibration_length,
+                evaluation_length=settings.evaluation_length,
+                evaluation_windows=settings.evaluation_windows,
+            )
+            entry = Loaded(key, explorer, workspace.summary())
+            self._entries[key] = entry
+            while len(self._entries) > self.capacity:
+                self._entries.popitem(last=False)
+            progress(1.0, "Model ready")
+            return entry
+
+
+SHARED = Shared()
+
+
+@dataclass
+class SessionState:
+    """One browser session's own things: its plan and what it computed with it."""
+
+    model_key: str | None = None
+    plan: Plan = field(default_factory=Plan)
+    pruned_ppl: float | None = None  # the last finished preview, for ``preview_plan``
+    preview_plan: str | None = None  # the plan JSON that preview was run for
+    node: str | None = None  # the node selected on the Structure tab
+    folder: str | None = None  # this session's scratch folder for downloads
+
+    def plan_json(self) -> str:
+        return self.plan.to_json()
+
+    def scratch(self, name: str) -> Path:
+        """A folder of this session's own for files it offers for download (created on use)."""
+        if self.folder is None:
+            self.folder = tempfile.mkdtemp(prefix="pruning-explorer-session-")
+        path = Path(self.folder) / name
+        path.mkdir(exist_ok=True)
+        return path
+
+
+# -- work on the shared model ----------------------------------------------------------------------
+def gradio_progress(progress: gr.Progress) -> Progress:
+    """The library's ``progress(fraction, message)`` callback, shown by Gradio."""
+    return lambda fraction, message: progress(min(max(fraction, 0.0), 1.0), desc=message)
+
+
+def _scaled(progress: Progress, start: float, stop: float) -> Progress:
+    return lambda fraction, message: progress(start + (stop - start) * fraction, message)
+
+
+def scores(loaded: Loaded, criterion: str, reduction: str, progress: Progress) -> dict:
+    """Scores of a criterion, with attention statistics collected in the same calibration pass."""
+    needs = get_criterion(criterion).needs | ATTENTION
+    with SHARED.lock:
+        loaded.explorer.statistics(needs, progress)
+        return loaded.explorer.scores(criterion, reduction, progress)
+
+
+def resolve(loaded: Loaded, plan: Plan, progress: Progress) -> Selection:
+    """The plan's selection; only the first use of a criterion computes anything heavy."""
+    scores(loaded, plan.criterion, plan.reduction, progress)
+    with SHARED.lock:
+        return loaded.explorer.resolve(plan)
+
+
+class Stopped(Exception):
+    """Raised inside a worker when its run was stopped from the page."""
+
+
+_RUNS: dict[str, threading.Event] = {}
+
+
+def stop_runs(request: gr.Request) -> None:
+    """The Stop button: tell this session's running worker to finish at its next step."""
+    event = _RUNS.get(request.session_hash) if request else None
+    if event is not None:
+        event.set()
+
+
+def streamed(work: Callable[[Callable[[Any], None]], Any], session_hash: str | None) -> Iterator:
+    """Run ``work(emit)`` under the lock in a worker thread; yield what it emits, as it emits it.
+
+    The worker, not the page's generator, holds the lock and the masks: a generator that Gradio
+    cancels or abandons mid-run can therefore never leave the shared model locked or masked. A
+    stop (the Stop button, or the generator being closed) makes the next ``emit`` raise ``Stopped``.
+    The final item yielded is ``("done", result)``.
+    """
+    stop = threading.Event()
+    if session_hash:
+        _RUNS[session_hash] = stop
+    items: queue.Queue = queue.Queue()
+
+    def emit(item: Any) -> None:
+        if stop.is_set():
+            raise Stopped
+        items.put(("item", item))
+
+    def run() -> None:
+        try:
+            with SHARED.lock:
+                result = work(emit)
+            items.put(("done", result))
+        except BaseException as exc:  # handed to the page's thread, which re-raises it
+            items.put(("error", exc))
+
+    threading.Thread(target=run, daemon=True, name="explorer-worker").start()
+    try:
+        while True:
+            kind, value = items.get()
+            if kind == "error":
+                if isinstance(value, Stopped):
+                    return
+                raise value
+            yield kind, value
+            if kind == "done":
+                return
+    finally:
+        stop.set()
+        if session_hash and _RUNS.get(session_hash) is stop:
+            del _RUNS[session_hash]
+
+
+def api(name: str | None) -> dict:
+    """Event options: a public endpoint called ``name``, or one only the page itself calls."""
+    return {"api_name": name} if name else {"api_visibility": "private"}
+
+
+def user_error(exc: ExplorerError) -> gr.Error:
+    """A library error as Gradio shows it: the message as is, in a toast that stays a while."""
+    return gr.Error(str(exc), duration=20, print_exception=False)
+
+
+def human(n: float) -> str:
+    """134515008 -> '134.5M'."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "—"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def status(message: str, kind: str = "info") -> str:
+    """A one-line status box (``kind``: info, ok, error) as HTML for a ``gr.HTML``."""
+    icon = {"info": "ℹ", "ok": "✓", "error": "⚠"}[kind]
+    return f'<div class="pe-status pe-{kind}">{icon} {escape(message)}</div>'

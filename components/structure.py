@@ -1,0 +1,469 @@
+"""Structure panel: the coupled-structure dependency graph, laid out by layer.
+
+Each decoder layer is a column. A collapsed layer is one node; an expanded one shows its modules
+(norms on top, q/k/v feeding o, gate/up feeding down) with the edges that couple them: a query
+head couples ``q_proj`` rows to ``o_proj`` columns, a kv group couples ``k_proj``/``v_proj`` rows to
+the ``o_proj`` columns of its heads, an MLP channel couples ``gate``/``up`` rows to a ``down``
+column. The residual stream is a bus along the bottom: every hidden channel is shared by everything
+that reads or writes it. Clicking a node (or choosing it in the list) highlights every module its
+groups span and lists the slices one unit owns with its parameter count; all of that is read from
+``StructureMap.members``, so the picture cannot disagree with what pruning removes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from explorer.structure import Group, Kind, StructureMap
+
+from .state import SHARED, SessionState, api, human
+
+KIND_TITLES: dict[str, str] = {
+    "head": "Query head",
+    "kv": "Key-value group",
+    "mlp": "MLP channel",
+    "hidden": "Hidden (residual) channel",
+    "layer": "Whole layer",
+}
+EDGE_COLOURS = {"head": "#4C78A8", "kv": "#B279A2", "mlp": "#54A24B", "hidden": "#BBBBBB"}
+ROLE_COLOURS = {"attention": "#4C78A8", "mlp": "#54A24B", "norm": "#9D9D9D", "model": "#B279A2"}
+LAYER_COLOUR = "#F58518"
+# Where a module sits inside an expanded layer's column: (x offset, y).
+LINEAR_POSITIONS = {
+    "q": (0.8, 3.0),
+    "k": (0.8, 2.0),
+    "v": (0.8, 1.0),
+    "o": (2.1, 2.0),
+    "gate": (3.5, 2.6),
+    "up": (3.5, 1.4),
+    "down": (4.8, 2.0),
+}
+EXPANDED_WIDTH, COLLAPSED_WIDTH, BUS_Y, NORM_Y = 6.0, 1.0, 0.0, 4.0
+
+
+@dataclass
+class StructurePanel:
+    expanded: gr.Dropdown
+    show_hidden: gr.Checkbox
+    only_expanded: gr.Checkbox
+    plot: gr.Plot
+    node: gr.Dropdown
+    click: gr.Textbox
+    toggle: gr.Button
+    details: gr.Markdown
+
+
+def build() -> StructurePanel:
+    gr.Markdown(
+        "Modules of the chosen layers and the edges that couple their dimensions. Click a node "
+        "(or pick it below) to highlight everything coupled to it and list the slices one unit "
+        "owns. Collapsed layers are one orange node each."
+    )
+    with gr.Row():
+        expanded = gr.Dropdown(
+            [],
+            multiselect=True,
+            label="Expanded layers",
+            elem_id="structure-layers",
+            scale=3,
+        )
+        show_hidden = gr.Checkbox(label="Show residual-stream edges", value=False, scale=1)
+        only_expanded = gr.Checkbox(label="Hide collapsed layers", value=False, scale=1)
+    plot = gr.Plot(label="Dependency graph", elem_id="structure-graph")
+    with gr.Row():
+        node = gr.Dropdown(
+            [], label="Selected node", elem_id="structure-node", scale=3, allow_custom_value=True
+        )
+        toggle = gr.Button("Expand / collapse its layer", scale=1, elem_id="structure-toggle")
+    click = gr.Textbox(visible="hidden", elem_id="structure-click")
+    details = gr.Markdown(elem_id="structure-details")
+    return StructurePanel(expanded, show_hidden, only_expanded, plot, node, click, toggle, details)
+
+
+# -- what a node is coupled to ----------------------------------------------------------------------
+def node_module(s: StructureMap, node: str) -> str | None:
+    """Dotted module path of a graph node (``L3.q_proj`` -> ``model.layers.3.self_attn.q_proj``)."""
+    attrs = s.graph.nodes[node]
+    f = s.family
+    if attrs["layer"] is None:
+        return {"embed": f.embed, "final_norm": f.final_norm, "lm_head": f.lm_head}.get(node)
+    names = {name.rpartition(".")[2]: name for name in (*f.linears, *f.hidden_norms)}
+    return s.path(attrs["layer"], names[attrs["role"]])
+
+
+def node_kinds(s: StructureMap, node: str) -> list[Kind]:
+    """The group kinds whose units own slices of this node's weights."""
+    if node.startswith("L") and node[1:].isdigit():
+        return ["layer"]
+    layer = s.graph.nodes[node]["layer"]
+    module = node_module(s, node)
+    kinds: list[Kind] = []
+    if layer is not None:
+        for kind in ("head", "kv", "mlp"):
+            if module in {m.module for m in s.members(kind, layer)}:
+                kinds.append(kind)
+    if (
+        node == "residual"
+        or module in {m.module for m in s.members("hidden")}
+        or (node == "lm_head" and s.tied)
+    ):
+        kinds.append("hidden")
+    return kinds
+
+
+def highlighted_kinds(s: StructureMap, node: str) -> list[Kind]:
+    """The kinds a click highlights: a module's own layer's groups when it has any.
+
+    Every linear module also reads or writes the residual stream, so highlighting hidden-channel
+    coupling for them would light up the whole model; that coupling is listed, not drawn.
+    """
+    kinds = node_kinds(s, node)
+    local = [k for k in kinds if k not in ("hidden",)]
+    return local or kinds
+
+
+def coupled_nodes(s: StructureMap, node: str) -> set[str]:
+    """Every node whose weights share a highlighted group with ``node`` (itself included)."""
+    kinds = highlighted_kinds(s, node)
+    if kinds == ["layer"]:
+        return {node}
+    layer = s.graph.nodes[node]["layer"]
+    modules: set[str] = set()
+    for kind in kinds:
+        modules |= {m.module for m in s.members(kind, None if kind == "hidden" else layer)}
+    out = {node}
+    for other in s.graph.nodes:
+        if node_module(s, other) in modules:
+            out.add(other)
+    if "hidden" in kinds:
+        out |= {"residual", "lm_head"}
+    return out
+
+
+def node_details(s: StructureMap, node: str) -> str:
+    """Markdown: the node's shape and, per group kind, the slices one unit owns and its size."""
+    if node.startswith("L") and node[1:].isdigit():
+        layer = int(node[1:])
+        lines = [f"### Layer {layer} (collapsed)", ""]
+        lines.append(
+            f"A whole decoder block: **{human(s.group_params('layer'))}** parameters "
+            f"({s.group_params('layer'):,}); it holds {s.heads} query heads in {s.kv_heads} "
+            f"key-value groups and {s.intermediate} MLP channels. Expand it to see its modules."
+        )
+        return "\n".join(lines)
+    attrs = s.graph.nodes[node]
+    shape = " × ".join(str(d) for d in attrs["shape"])
+    lines = [f"### {node}", "", f"Role `{attrs['role']}`, shape {shape}."]
+    module = node_module(s, node)
+    if module:
+        lines.append(f"Module `{module}`.")
+    kinds = node_kinds(s, node)
+    shown = highlighted_kinds(s, node)
+    for kind in shown:
+        layer = None if kind == "hidden" else attrs["layer"]
+        units = s.units(kind)
+        per_unit = s.group_params(kind)
+        where = "in the model" if kind == "hidden" else f"in layer {layer}"
+        lines += [
+            "",
+            f"**{KIND_TITLES[kind]}** — {units} units {where}, **{per_unit:,} parameters each** "
+            f"({human(per_unit * units)} in all). Unit *u* owns block *u* of every member; "
+            "unit 0:",
+            "",
+            "| module | parameter | axis | slice |",
+            "|---|---|---|---|",
+        ]
+        slices = s.slices(Group(kind, layer, 0))
+        for sl in slices[:12]:
+            axis = "rows" if sl.dim == 0 else "columns"
+            lines.append(f"| `{sl.module}` | {sl.param} | {axis} | {sl.start}:{sl.stop} |")
+        if len(slices) > 12:
+            lines.append(f"| … {len(slices) - 12} more slices | | | |")
+    if "hidden" in kinds and "hidden" not in shown:
+        per = s.group_params("hidden")
+        lines += [
+            "",
+            f"It also reads or writes the residual stream: each of its {s.hidden} hidden channels "
+            f"is one **{KIND_TITLES['hidden']}** group of {per:,} parameters spanning every "
+            "layer (select `residual` to see its slices).",
+        ]
+    return "\n".join(lines)
+
+
+# -- the figure -------------------------------------------------------------------------------------
+def _norm_offsets(count: int) -> list[float]:
+    """x offsets of a layer's hidden-size norms: before attention, between, after the MLP."""
+    return {1: [0.2], 2: [0.2, 2.8], 4: [0.2, 2.4, 3.0, 5.2]}.get(
+        count, [0.2 + 5.0 * i / max(count - 1, 1) for i in range(count)]
+    )
+
+
+def layout(
+    s: StructureMap, expanded: set[int], only_expanded: bool
+) -> dict[str, tuple[float, float]]:
+    """Positions of the visible nodes; collapsed layers are keyed ``L<i>``."""
+    f = s.family
+    pos: dict[str, tuple[float, float]] = {"embed": (-1.2, 2.0)}
+    short = {name.rpartition(".")[2]: key for key, name in zip("qkvo", f.linears[:4], strict=True)}
+    short |= {f.gate.rpartition(".")[2]: "gate", f.up.rpartition(".")[2]: "up"}
+    short |= {f.down.rpartition(".")[2]: "down"}
+    norm_x = dict(
+        zip(
+            (n.rpartition(".")[2] for n in f.hidden_norms),
+            _norm_offsets(len(f.hidden_norms)),
+            strict=True,
+        )
+    )
+    x = 0.0
+    for layer in range(s.num_layers):
+        if layer in expanded:
+            for node, attrs in s.graph.nodes(data=True):
+                if attrs["layer"] != layer:
+                    continue
+                role = attrs["role"]
+                if role in short:
+                    dx, y = LINEAR_POSITIONS[short[role]]
+                else:
+                    dx, y = norm_x[role], NORM_Y
+                pos[node] = (x + dx, y)
+            x += EXPANDED_WIDTH
+        elif not only_expanded:
+            pos[f"L{layer}"] = (x + 0.3, 2.0)
+            x += COLLAPSED_WIDTH
+    pos["final_norm"] = (x + 0.3, 2.0)
+    pos["lm_head"] = (x + 1.3, 2.0)
+    pos["residual"] = ((x - 1.2) / 2, BUS_Y)
+    return pos
+
+
+def dependency_figure(
+    s: StructureMap,
+    expanded: set[int],
+    *,
+    selected: str | None = None,
+    show_hidden: bool = False,
+    only_expanded: bool = False,
+) -> go.Figure:
+    pos = layout(s, expanded, only_expanded)
+    lit = coupled_nodes(s, selected) if selected in pos else set()
+    fig = go.Figure()
+    left, right = min(x for x, _ in pos.values()), max(x for x, _ in pos.values())
+    fig.add_trace(
+        go.Scatter(
+            x=[left, right],
+            y=[BUS_Y, BUS_Y],
+            mode="lines",
+            line={"color": EDGE_COLOURS["hidden"], "width": 6},
+            hoverinfo="skip",
+            showlegend=False,
+        )
+    )
+    for kind in ("hidden", "head", "kv", "mlp"):
+        if kind == "hidden" and not show_hidden:
+            continue
+        xs, ys = [], []
+        for a, b, attrs in s.graph.edges(data=True):
+            if attrs["kind"] != kind:
+                continue
+            # Hidden edges run to the bus right below the module, not to the residual node.
+            a_pos = (pos[b][0], BUS_Y) if a == "residual" and b in pos else pos.get(a)
+            b_pos = (pos[a][0], BUS_Y) if b == "residual" and a in pos else pos.get(b)
+            if a_pos is None or b_pos is None:
+                continue
+            xs += [a_pos[0], b_pos[0], None]
+            ys += [a_pos[1], b_pos[1], None]
+        fig.add_trace(
+            go.Scatter(
+                x=xs,
+                y=ys,
+                mode="lines",
+                name=f"{kind} coupling",
+                line={"color": EDGE_COLOURS[kind], "width": 1 if kind == "hidden" else 2},
+                hoverinfo="skip",
+            )
+        )
+    nodes = list(pos)
+    colours, sizes, texts, hovers, lines = [], [], [], [], []
+    for node in nodes:
+        colour, size, label, hover = _node_look(s, node)
+        colours.append(colour)
+        sizes.append(size)
+        texts.append(label)
+        hovers.append(hover)
+        lines.append(3 if node in lit else 0.5)
+    fig.add_trace(
+        go.Scatter(
+            x=[pos[n][0] for n in nodes],
+            y=[pos[n][1] for n in nodes],
+            mode="markers+text",
+            text=texts,
+            textposition="top center",
+            textfont={"size": 9},
+            customdata=nodes,
+            hovertext=hovers,
+            hoverinfo="text",
+            marker={
+                "color": colours,
+                "size": sizes,
+                "opacity": [1.0 if not lit or n in lit else 0.25 for n in nodes],
+                "line": {
+                    "color": ["#D62728" if n in lit else "#333" for n in nodes],
+                    "width": lines,
+                },
+            },
+            showlegend=False,
+        )
+    )
+    for layer in sorted(expanded):
+        xs = [
+            x for node, (x, _) in pos.items() if s.graph.nodes.get(node, {}).get("layer") == layer
+        ]
+        if xs:
+            fig.add_shape(
+                type="rect",
+                x0=min(xs) - 0.5,
+                x1=max(xs) + 0.5,
+                y0=0.5,
+                y1=NORM_Y + 0.7,
+                fillcolor="#F6F8FA",
+                line={"color": "#D0D7DE"},
+                layer="below",
+            )
+            fig.add_annotation(
+                x=(min(xs) + max(xs)) / 2, y=NORM_Y + 0.9, text=f"layer {layer}", showarrow=False
+            )
+    fig.update_layout(
+        height=520,
+        margin={"l": 10, "r": 10, "t": 40, "b": 10},
+        xaxis={"visible": False},
+        yaxis={"visible": False, "range": [BUS_Y - 0.5, NORM_Y + 1.2]},
+        plot_bgcolor="white",
+        legend={"orientation": "h", "y": -0.02, "x": 0.5, "xanchor": "center"},
+        clickmode="event",
+        hovermode="closest",
+        dragmode="pan",
+    )
+    return fig
+
+
+def _node_look(s: StructureMap, node: str) -> tuple[str, float, str, str]:
+    """Colour, marker size, label and hover text of a node."""
+    if node.startswith("L") and node[1:].isdigit():
+        p = s.group_params("layer")
+        return LAYER_COLOUR, 16, node, f"layer {node[1:]} (collapsed): {human(p)} parameters"
+    attrs = s.graph.nodes[node]
+    role, layer = attrs["role"], attrs["layer"]
+    numel = 1
+    for d in attrs["shape"]:
+        numel *= d
+    if layer is None:
+        colour = ROLE_COLOURS["model"]
+    elif "norm" in role:
+        colour = ROLE_COLOURS["norm"]
+    elif role in {n.rpartition(".")[2] for n in s.family.linears[:4]}:
+        colour = ROLE_COLOURS["attention"]
+    else:
+        colour = ROLE_COLOURS["mlp"]
+    size = 8 + 3 * max(0.0, (len(str(numel)) - 3))
+    shape = "×".join(str(d) for d in attrs["shape"])
+    label = role.replace("_proj", "").replace("_layernorm", " norm") if layer is not None else node
+    if node == "residual":
+        return colour, 18, "residual stream", f"residual stream ({s.hidden} channels)"
+    return colour, size, label, f"{node}<br>{shape} ({human(numel)} weights)"
+
+
+# -- handlers ---------------------------------------------------------------------------------------
+def parse_layers(values: list | None) -> set[int]:
+    return {int(v) for v in values or []}
+
+
+def refresh(session: SessionState, expanded: list | None, show_hidden: bool, only_expanded: bool):
+    """Redraw for the session's model; on a new model, offer its layers and nodes."""
+    s = SHARED.get(session.model_key).structure
+    layers = [str(i) for i in range(s.num_layers)]
+    chosen = [v for v in (expanded or []) if v in layers] or ["0", layers[-1]]
+    nodes = [f"L{i}" for i in range(s.num_layers)] + list(s.graph.nodes)
+    selected = session.node if session.node in nodes else None
+    fig = dependency_figure(
+        s,
+        parse_layers(chosen),
+        selected=selected,
+        show_hidden=show_hidden,
+        only_expanded=only_expanded,
+    )
+    return (
+        gr.Dropdown(choices=layers, value=chosen),
+        fig,
+        gr.Dropdown(choices=nodes, value=selected),
+        node_details(s, selected) if selected else "Click a node to see what it is coupled to.",
+    )
+
+
+def select_node(
+    session: SessionState, node: str, expanded: list | None, show_hidden: bool, only_expanded: bool
+):
+    """A node chosen by click (``node|nonce`` from the JS bridge) or from the list."""
+    s = SHARED.get(session.model_key).structure
+    node = (node or "").split("|")[0]
+    known = node in s.graph.nodes or (node.startswith("L") and node[1:].isdigit())
+    if not known:
+        raise gr.Error(f"There is no node '{node}' in this model. Pick one from the list.")
+    session.node = node
+    fig = dependency_figure(
+        s,
+        parse_layers(expanded),
+        selected=node,
+        show_hidden=show_hidden,
+        only_expanded=only_expanded,
+    )
+    return session, fig, gr.Dropdown(value=node), node_details(s, node)
+
+
+def toggle_layer(session: SessionState, expanded: list | None) -> tuple[SessionState, list[str]]:
+    """Expand the selected node's layer, or collapse it when it is already expanded."""
+    s = SHARED.get(session.model_key).structure
+    node = session.node
+    if node is None:
+        raise gr.Error("Select a node first: click one in the graph or pick it in the list.")
+    if node.startswith("L") and node[1:].isdigit():
+        layer = int(node[1:])
+    else:
+        layer = s.graph.nodes[node]["layer"]
+    if layer is None:
+        raise gr.Error(f"'{node}' belongs to the whole model, not to one layer.")
+    chosen = parse_layers(expanded) ^ {layer}
+    if layer in chosen:
+        session.node = None
+    else:
+        session.node = f"L{layer}"
+    return session, sorted((str(i) for i in chosen), key=int)
+
+
+def wire(panel: StructurePanel, session: gr.State) -> None:
+    view = [panel.expanded, panel.show_hidden, panel.only_expanded]
+    redraw = [panel.expanded, panel.plot, panel.node, panel.details]
+    for control in view:
+        control.input(refresh, [session, *view], redraw, **api(None))
+    selected = [session, panel.plot, panel.node, panel.details]
+    shown = {"show_progress_on": [panel.details]}
+    panel.node.input(
+        select_node, [session, panel.node, *view], selected, **shown, **api("select_node")
+    )
+    panel.click.change(select_node, [session, panel.click, *view], selected, **shown, **api(None))
+    panel.toggle.click(
+        toggle_layer, [session, panel.expanded], [session, panel.expanded], **api(None)
+    ).then(refresh, [session, *view], redraw, **api(None))
+
+
+def refresh_event(panel: StructurePanel, session: gr.State, after, name: str | None = None) -> None:
+    """Redraw once a model is (re)loaded."""
+    view = [panel.expanded, panel.show_hidden, panel.only_expanded]
+    after.success(
+        refresh,
+        [session, *view],
+        [panel.expanded, panel.plot, panel.node, panel.details],
+        **api(name),
+    )
