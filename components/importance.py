@@ -189,8 +189,9 @@ def show(
     )
 
 
-def wire(panel: ImportancePanel, session: gr.State) -> None:
-    inputs = [
+def _inputs(panel: ImportancePanel, session: gr.State) -> list:
+    """What ``show`` reads: the session and every control of the panel."""
+    return [
         session,
         panel.criterion,
         panel.reduction,
@@ -199,6 +200,10 @@ def wire(panel: ImportancePanel, session: gr.State) -> None:
         panel.criterion_b,
         panel.ratio,
     ]
+
+
+def wire(panel: ImportancePanel, session: gr.State) -> None:
+    inputs = _inputs(panel, session)
     outputs = [panel.heatmap, panel.agreement, panel.table]
     for control in inputs[1:]:
         trigger = control.release if isinstance(control, gr.Slider) else control.input
@@ -212,13 +217,6 @@ def wire(panel: ImportancePanel, session: gr.State) -> None:
 
 
 def refresh_event(panel: ImportancePanel, session: gr.State, after, name: str | None = None):
-    inputs = [
-        session,
-        panel.criterion,
-        panel.reduction,
-        panel.kind,
-        panel.scale,
-        panel.criterion_b,
-        panel.ratio,
-    ]
-    return after.then(show, inputs, [panel.heatmap, panel.agreement, panel.table], **api(name))
+    return after.then(
+        show, _inputs(panel, session), [panel.heatmap, panel.agreement, panel.table], **api(name)
+    )

@@ -73,7 +73,7 @@ class ScoreContext:
     kinds: tuple[Kind, ...] = ("head", "kv", "mlp", "layer")
 
     def weight(self, path: str, param: str = "weight") -> torch.Tensor:
-        return getattr(get_module(self.model, path), param).detach()
+        return read_weight(get_module(self.model, path), param)
 
     @property
     def device(self) -> torch.device:
@@ -99,6 +99,21 @@ class Criterion:
     needs: Needs = field(default_factory=Needs)
     uses_reduction: bool = True
     paper: str = ""
+
+
+def read_weight(module: nn.Module, param: str = "weight") -> torch.Tensor:
+    """``module.<param>`` as a real tensor, also when accelerate has offloaded it (meta device).
+
+    Offloaded modules (see ``explorer.offload``) keep their weights in accelerate's store and put
+    them back only while they run; criteria read them from the store instead.
+    """
+    value = getattr(module, param)
+    if not value.is_meta:
+        return value.detach()
+    hook = getattr(module, "_hf_hook", None)
+    if hook is None or getattr(hook, "weights_map", None) is None:
+        raise RuntimeError(f"'{param}' is on the meta device and no offload store holds it")
+    return hook.weights_map[param].to(hook.execution_device, value.dtype)
 
 
 CRITERIA: dict[str, Criterion] = {}

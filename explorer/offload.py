@@ -7,8 +7,8 @@ hooks load an offloaded module's weights just before it runs and drop them right
 weights resident at any moment are the kept ones plus one module, and the model's own ``forward``
 runs unchanged: ``collect_statistics`` and its hooks work on it as on a model in memory.
 
-Offloaded parameters sit on the ``meta`` device between calls, so criteria read them through
-``OffloadedScoreContext``, which fetches each weight from the offload store when asked. Only
+Offloaded parameters sit on the ``meta`` device between calls; criteria read every weight through
+``ScoreContext.weight`` (``importance.read_weight``), which fetches it from the offload store. Only
 forward-only statistics are supported: a backward pass would keep every layer's weights alive in
 the autograd graph and accelerate's streamed copies never receive ``.grad``.
 """
@@ -127,25 +127,6 @@ def load_offloaded(
     return model.eval(), plan
 
 
-def read_weight(module: nn.Module, param: str = "weight") -> torch.Tensor:
-    """``module.<param>`` as a real tensor on the module's execution device, offloaded or not."""
-    value = getattr(module, param)
-    if not value.is_meta:
-        return value.detach()
-    hook = getattr(module, "_hf_hook", None)
-    if hook is None or getattr(hook, "weights_map", None) is None:
-        raise RuntimeError(f"'{param}' is on the meta device and no offload store holds it")
-    return hook.weights_map[param].to(hook.execution_device, value.dtype)
-
-
-@dataclass(frozen=True)
-class OffloadedScoreContext(ScoreContext):
-    """A ``ScoreContext`` whose weights come from the offload store when they are not resident."""
-
-    def weight(self, path: str, param: str = "weight") -> torch.Tensor:
-        return read_weight(get_module(self.model, path), param)
-
-
 def score_offloaded(
     model: nn.Module,
     structure: StructureMap,
@@ -175,5 +156,5 @@ def score_offloaded(
         stats = collect_statistics(
             model, structure, windows, needs, batch_size=batch_size, progress=progress
         )
-    ctx = OffloadedScoreContext(model, structure, stats, reduction=reduction, seed=seed)
+    ctx = ScoreContext(model, structure, stats, reduction=reduction, seed=seed)
     return crit.score(ctx)
