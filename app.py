@@ -22,7 +22,16 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import gradio as gr  # noqa: E402
 
-from components import export, heads, importance, model, plan, preview, structure  # noqa: E402
+from components import (  # noqa: E402
+    export,
+    heads,
+    importance,
+    model,
+    plan,
+    preview,
+    recovery,
+    structure,
+)
 from components.state import SessionState, Settings  # noqa: E402
 from explorer.plan import Plan  # noqa: E402
 
@@ -46,7 +55,7 @@ def build_app(
         session = gr.State(SessionState(plan=Plan(model=default_model)))
         gr.Markdown(
             f"# {TITLE}\nStructured pruning of causal LMs: look at the coupled structure, score "
-            "units, plan how much to cut where, preview perplexity and text live, export."
+            "units, plan how much to cut where, preview perplexity and text live, recover, export."
         )
         with gr.Tabs(elem_id="tabs"):
             with gr.Tab("Model", id="model", elem_id="tab-model"):
@@ -61,6 +70,8 @@ def build_app(
                 plan_panel = plan.build()
             with gr.Tab("Preview", id="preview", elem_id="tab-preview"):
                 preview_panel = preview.build()
+            with gr.Tab("Recover", id="recover", elem_id="tab-recover"):
+                recovery_panel = recovery.build()
             with gr.Tab("Export", id="export", elem_id="tab-export"):
                 export_panel = export.build(default_model)
 
@@ -103,6 +114,7 @@ def build_app(
         importance.wire(importance_panel, session)
         plan_events = plan.wire(plan_panel, session)
         preview.wire(preview_panel, session, plan_events)
+        recovery.wire(recovery_panel, session, plan_events, plan_panel.save)
         export.wire(export_panel, session)
         demo.load(None, js=(ASSETS / "bridge.js").read_text())
     return demo

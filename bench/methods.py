@@ -37,7 +37,7 @@ from explorer.surgeon import surgeon_prune
 CALIBRATION = "lee_background (first 9/10)"
 ROWS = [
     f"{key}:{recovery}"
-    for key in ("best", "taylor_e1", "wanda_sp", "flap", "depth2", "surgeon")
+    for key in ("best", "taylor_e1", "wanda_sp", "flap", "depth2", "surgeon", "surgeon_mlp")
     for recovery in ("none", "layerwise", "lora")
 ] + ["dense:lora", "half:none", "half:layerwise"]
 PROMPT = "Write a short news report about a bushfire threatening homes near Sydney."
@@ -64,10 +64,20 @@ class Bench:
     rows: list[str] = field(default_factory=list)
     last: torch.nn.Module | None = None
     notes: list[str] = field(default_factory=list)
+    pruned: dict[str, tuple] = field(default_factory=dict)  # method key -> prune() result
 
     # -- pruning --------------------------------------------------------------------------------------
     def prune(self, m: Method) -> tuple[torch.nn.Module, object, float]:
-        """(physical pruned model with the method's own steps applied, selection, seconds)."""
+        """(a fresh copy of the method's pruned model with its own steps, selection, seconds).
+
+        Each method is pruned once; its recovery rows start from copies of that model.
+        """
+        if m.key not in self.pruned:
+            self.pruned[m.key] = self._prune(m)
+        model, sel, seconds = self.pruned[m.key]
+        return copy.deepcopy(model), sel, seconds
+
+    def _prune(self, m: Method) -> tuple[torch.nn.Module, object, float]:
         ex = self.small if m.small_calibration else self.ex
         t0 = time.perf_counter()
         if m.shots:
@@ -185,8 +195,10 @@ class Bench:
         write_result(a.out / "methods.md", text)
 
 
-def methods(args) -> list[Method]:
+def methods(args, best_plan: Plan, best_label: str) -> list[Method]:
     p = dict(target=args.target)
+    mlp_surgeon = copy.deepcopy(best_plan)
+    mlp_surgeon.criterion = "surgeon"
     return [
         Method(
             "taylor_e1",
@@ -209,6 +221,12 @@ def methods(args) -> list[Method]:
             "surgeon",
             f"surgeon ({args.shots} shots, global)",
             Plan(criterion="surgeon", allocation="global", **p),
+            shots=args.shots,
+        ),
+        Method(
+            "surgeon_mlp",
+            f"surgeon ({args.shots} shots, {best_label.split(', ', 1)[1]})",
+            mlp_surgeon,
             shots=args.shots,
         ),
         Method(
@@ -239,11 +257,11 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--selection-windows", type=int, default=4)
-    parser.add_argument("--lora-steps", type=int, default=20)
+    parser.add_argument("--lora-steps", type=int, default=40)
     parser.add_argument("--lora-batch", type=int, default=1)
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--shots", type=int, default=2)
-    parser.add_argument("--surgeon-windows", type=int, default=8)
+    parser.add_argument("--surgeon-windows", type=int, default=16)
     parser.add_argument("--best", default=None, help="a candidates() label: skip the selection")
     parser.add_argument("--rows", nargs="+", default=ROWS, help="method:recovery entries")
     parser.add_argument("--device", default=None)
@@ -280,7 +298,7 @@ def main() -> None:
     best_plan = candidates(args.target)[best_label]
     half = copy.deepcopy(best_plan)
     half.target = 0.5
-    table = {m.key: m for m in methods(args)}
+    table = {m.key: m for m in methods(args, best_plan, best_label)}
     table["best"] = Method("best", f"best on held-out: {best_label}", best_plan)
     table["half"] = Method("half", f"{best_label} at 50%", half)
     table["dense"] = Method("dense", "dense", Plan(target=0.0))

@@ -1,9 +1,10 @@
 """Time to scores for every criterion together, vs one plain forward+backward pass.
 
 Each phase runs in its own process so that its peak memory is its own: ``plain`` (forward and
-backward over the calibration windows, one window at a time, gradients discarded), and ``all``
-(one shared calibration pass collecting what every registered criterion needs, then every
-criterion's scores). Peak memory is the process's peak resident size (CPU) or peak allocated
+backward over the calibration windows, one window at a time, gradients discarded), ``all`` (one
+shared calibration pass collecting what every registered criterion needs, then every criterion's
+scores), and, to show where the time goes, the same for subsets: every criterion but LLM Surgeon,
+LLM-Pruner's gradient criteria, and the forward-only ones. Peak memory is the process's peak resident size (CPU) or peak allocated
 (CUDA), minus what it held right after loading the model, and is also given as a multiple of the
 fp32 model size.
 
@@ -25,13 +26,25 @@ import torch
 from _common import machine_line, open_default, write_result
 
 from explorer.evaluate import window_nll
-from explorer.importance import criterion_names, get_criterion
+from explorer.importance import Needs, criterion_names, get_criterion
 
 
 def peak_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+SURGEON = ("surgeon",)
+PHASES = {
+    "all": lambda c: True,
+    "all but surgeon": lambda c: c not in SURGEON,
+    "LLM-Pruner's (gradients, Fisher)": lambda c: c in ("taylor", "taylor_e1", "taylor_e2"),
+    "forward-only": lambda c: (
+        get_criterion(c).needs.gradients is False
+        and not get_criterion(c).needs.output_gradient_covariance
+    ),
+}
 
 
 def phase(name: str, device: str | None) -> dict:
@@ -46,11 +59,12 @@ def phase(name: str, device: str | None) -> dict:
             window_nll(ex.model(ids, use_cache=False).logits, ids).sum().backward()
         ex.model.zero_grad(set_to_none=True)
     else:
-        needs = None
-        for c in criterion_names():
-            needs = get_criterion(c).needs if needs is None else needs | get_criterion(c).needs
+        chosen = [c for c in criterion_names() if PHASES[name](c)]
+        needs = Needs()
+        for c in chosen:
+            needs = needs | get_criterion(c).needs
         ex.statistics(needs)
-        for c in criterion_names():
+        for c in chosen:
             ex.scores(c, "sum")
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -62,13 +76,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default=None)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--phase", choices=("plain", "all"), help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=("plain", *PHASES), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     if args.phase:
         print(json.dumps(phase(args.phase, args.device)))
         return
-    runs: dict[str, list[dict]] = {"plain": [], "all": []}
+    runs: dict[str, list[dict]] = {"plain": [], **{name: [] for name in PHASES}}
     for _ in range(args.repeats):
         for name in runs:  # alternate, so load changes hit both alike
             cmd = [sys.executable, __file__, "--phase", name]

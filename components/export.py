@@ -2,7 +2,9 @@
 
 The export is verified before it appears at its path (``explorer.export.export_model`` reloads the
 folder as a user would and compares logits). Its report carries the perplexities of this plan: the
-session's last preview when it was run for exactly this plan, measured here otherwise.
+session's last preview when it was run for exactly this pruning, measured here otherwise. A plan
+with recovery steps exports the recovered model: the Recover tab's when it was made for exactly
+this plan, recovered here otherwise; its perplexity is then ``perplexity_after``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import gradio as gr
 from explorer.errors import ExplorerError, ExportError
 from explorer.export import export_model
 
-from .preview import perplexities
+from .preview import measuring, perplexities
+from .recovery import recover
 from .state import SHARED, SessionState, api, human, resolve, streamed, user_error
 
 
@@ -75,29 +78,31 @@ def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.
         raise user_error(exc) from exc
     plan = session.plan
     ex = loaded.explorer
-    known = session.pruned_ppl if session.preview_plan == plan.to_json() else None
+    known, made_for, recovered = (
+        session.known_pruned_ppl(),
+        session.recovery_key(),
+        session.reusable_recovery(),
+    )
 
     def work(emit):
-        if known is not None and loaded.dense_ppl is not None:
-            dense, pruned = loaded.dense_ppl, known
-        else:
-            dense, pruned = perplexities(
-                loaded,
-                selection,
-                lambda item: emit(
-                    f"Measuring {item[0]} perplexity ({item[1].done}/{item[1].total} windows, "
-                    f"running {item[1].perplexity:.2f})"
-                ),
-            )
+        dense, pruned = perplexities(loaded, selection, lambda item: emit(measuring(item)), known)
         report = {
             "criterion": plan.criterion,
             "reduction": plan.reduction,
             "allocation": plan.allocation,
             "perplexity_before": dense,
             "perplexity_after": pruned,
+            "recovery": plan.recovery,
             "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
             **ex.sizes(selection),
         }
+        model = None
+        if plan.recovery:
+            done = recovered or recover(loaded, selection, plan.recovery, emit, made_for)
+            session.recovered = done
+            report["perplexity_after"] = done.perplexity
+            report["perplexity_before_recovery"] = pruned
+            model = done.model
         return export_model(
             ex.model,
             ex.workspace.tokenizer,
@@ -109,6 +114,7 @@ def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.
             overwrite=overwrite,
             verify_ids=ex.evaluation[:2],
             progress=lambda fraction, message: emit(message),
+            pruned=model,
         )
 
     done: list[str] = []

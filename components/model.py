@@ -150,12 +150,8 @@ def load(
         if plan.allocation == "per_layer" and plan.head_ratios is None and plan.mlp_ratios is None:
             plan.allocation = "uniform"
         plan.remove_layers = [i for i in plan.remove_layers if i < layers]
-        session.model_key, session.pruned_ppl, session.preview_plan, session.node = (
-            loaded.key,
-            None,
-            None,
-            None,
-        )
+        session.model_key, session.pruned_ppl, session.preview_plan = loaded.key, None, None
+        session.recovered, session.node = None, None
     return session, status(f"Loaded {source}.", "ok"), summary_card(loaded)
 
 

@@ -120,23 +120,38 @@ def build() -> PreviewPanel:
 
 
 # -- perplexity ---------------------------------------------------------------------------------------
-def perplexities(loaded: Loaded, selection: Selection, emit: Callable) -> tuple[float, float]:
+def perplexities(
+    loaded: Loaded, selection: Selection, emit: Callable, known: float | None = None
+) -> tuple[float, float]:
     """Dense (once per model) then pruned perplexity; ``emit((view, step))`` after every batch.
 
+    ``known``: the pruned perplexity when a preview already measured it (not measured again).
     Runs in a worker that holds the lock (see ``state.streamed``).
     """
     ex = loaded.explorer
     if loaded.dense_ppl is None:
-        loaded.dense_ppl = _stream(ex.iter_perplexity(Selection()), "dense", emit)
-    return loaded.dense_ppl, _stream(ex.iter_perplexity(selection), "pruned", emit)
+        loaded.dense_ppl = measure(ex.iter_perplexity(Selection()), "dense", emit)
+    if known is not None:
+        return loaded.dense_ppl, known
+    return loaded.dense_ppl, measure(ex.iter_perplexity(selection), "pruned", emit)
 
 
-def _stream(steps: Iterator, view: str, emit: Callable) -> float:
+def measure(steps: Iterator, view: str, emit: Callable) -> float:
+    """Run a perplexity stream to its end, ``emit((view, step))`` after every batch."""
     step = None
     with closing(steps):  # a stop closes the run at once, taking its masks off
         for step in steps:
             emit((view, step))
     return step.perplexity if step is not None else math.nan
+
+
+def measuring(item: tuple) -> str:
+    """What an emitted ``(view, step)`` of ``measure`` reads as in a status line."""
+    view, step = item
+    return (
+        f"Measuring {view} perplexity ({step.done}/{step.total} windows, "
+        f"running {step.perplexity:.2f})"
+    )
 
 
 def curve_figure(curves: dict[str, list[tuple[int, float]]], total: int) -> go.Figure:
@@ -174,7 +189,7 @@ def run_preview(session: SessionState, request: gr.Request):
     except ExplorerError as exc:
         yield session, gr.skip(), "", status(f"No preview: {exc}", "error"), gr.skip()
         return
-    plan_json = session.plan_json()
+    pruning = session.pruning_json()
     total = loaded.explorer.evaluation.shape[0]
     curves: dict[str, list] = {"dense": [], "pruned": []}
     if loaded.dense_ppl is not None:  # measured once per model: a flat line
@@ -185,7 +200,7 @@ def run_preview(session: SessionState, request: gr.Request):
         for kind, value in streamed(work, getattr(request, "session_hash", None)):
             if kind == "done":
                 dense, pruned = value
-                session.pruned_ppl, session.preview_plan = pruned, plan_json
+                session.pruned_ppl, session.preview_plan = pruned, pruning
                 change = pruned / dense - 1 if dense else math.nan
                 message = status(
                     f"Done on {total} windows: dense {dense:.3f}, pruned {pruned:.3f} "

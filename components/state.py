@@ -17,12 +17,13 @@ import tempfile
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from html import escape
 from pathlib import Path
 from typing import Any
 
 import gradio as gr
+from torch import nn
 
 from explorer.data import TextSource
 from explorer.errors import ExplorerError
@@ -130,18 +131,45 @@ SHARED = Shared()
 
 
 @dataclass
+class Recovered:
+    """A pruned copy with a plan's recovery applied, for the model and plan it was made for."""
+
+    made_for: tuple[str | None, str]  # (model key, plan JSON), see ``SessionState.recovery_key``
+    model: nn.Module
+    reports: list[dict]
+    perplexity: float
+
+
+@dataclass
 class SessionState:
     """One browser session's own things: its plan and what it computed with it."""
 
     model_key: str | None = None
     plan: Plan = field(default_factory=Plan)
     pruned_ppl: float | None = None  # the last finished preview, for ``preview_plan``
-    preview_plan: str | None = None  # the plan JSON that preview was run for
+    preview_plan: str | None = None  # the plan JSON that preview was run for (see ``pruning_json``)
+    recovered: Recovered | None = None  # the last recovery, re-used by an export of its plan
     node: str | None = None  # the node selected on the Structure tab
     folder: str | None = None  # this session's scratch folder for downloads
 
     def plan_json(self) -> str:
         return self.plan.to_json()
+
+    def pruning_json(self) -> str:
+        """The plan without its recovery: all that the masked (preview) perplexity depends on."""
+        return replace(self.plan, recovery=[]).to_json()
+
+    def known_pruned_ppl(self) -> float | None:
+        """The last preview's pruned perplexity when it was run for the current pruning."""
+        return self.pruned_ppl if self.preview_plan == self.pruning_json() else None
+
+    def recovery_key(self) -> tuple[str | None, str]:
+        return self.model_key, self.plan_json()
+
+    def reusable_recovery(self) -> Recovered | None:
+        """The last recovered model if it was made for exactly the current model and plan."""
+        done = self.recovered
+        return done if done is not None and done.made_for == self.recovery_key() else None
 
     def scratch(self, name: str) -> Path:
         """A folder of this session's own for files it offers for download (created on use)."""

@@ -42,6 +42,9 @@ class Needs:
     output_gradient_covariance: tuple[str, ...] = ()  # roles whose output-gradient G is kept
     attention: bool = False  # per-layer head-pair Jensen-Shannon divergences
     hidden_states: bool = False  # block influence: cosine between consecutive hidden states
+    # Gradients/Fisher of the embedding and output head too: only hidden-channel scores read them,
+    # and they are the largest parameters (21% of SmolLM2's), so they are skipped unless asked.
+    embeddings: bool = False
 
     def __or__(self, other: Needs) -> Needs:
         return Needs(
@@ -54,6 +57,7 @@ class Needs:
             ),
             attention=self.attention or other.attention,
             hidden_states=self.hidden_states or other.hidden_states,
+            embeddings=self.embeddings or other.embeddings,
         )
 
     def covers(self, other: Needs) -> bool:
@@ -142,7 +146,7 @@ def criterion_names() -> list[str]:
 
 def _load_builtin() -> None:
     """Import the modules that register criteria (they import this module, so lazily)."""
-    from . import criteria, distribution_aware, flap, surgeon  # noqa: F401
+    from . import criteria, distribution_aware, flap, obs, surgeon  # noqa: F401
 
 
 # -- from per-weight scores to per-group scores ------------------------------------------------------

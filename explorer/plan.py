@@ -51,6 +51,7 @@ class Plan:
     protect_first: int = 0
     protect_last: int = 0
     round_to: int = 1  # kept MLP channels rounded up to a multiple of this
+    max_ratio: float | None = None  # global: at most this share of any layer's heads / channels
     remove_layers: list[int] = field(default_factory=list)
     hidden_ratio: float = 0.0
     calibration: dict = field(default_factory=lambda: {"kind": "builtin"})
@@ -75,7 +76,7 @@ class Plan:
             )
         if self.attention_unit not in ("head", "kv"):
             raise PlanError("attention_unit must be 'head' or 'kv'.")
-        for name in ("target", "head_ratio", "mlp_ratio", "hidden_ratio"):
+        for name in ("target", "head_ratio", "mlp_ratio", "hidden_ratio", "max_ratio"):
             _check_ratio(name, getattr(self, name))
         for name in ("head_ratios", "mlp_ratios"):
             values = getattr(self, name)
@@ -260,24 +261,30 @@ def _resolve_global(plan: Plan, s: StructureMap, scores: Scores):
     Within a layer, units are offered in ascending score order (for query heads: one more head
     from every kv group per slot), so their costs ascend too and a sort by cost never takes a
     unit before a cheaper one of the same layer. Each layer keeps at least one head per kv group
-    (or one kv group) and ``round_to`` MLP channels.
+    (or one kv group) and ``round_to`` MLP channels; ``max_ratio`` caps the share of a layer's
+    heads and channels that may go (scores are rarely comparable enough across layers to let a
+    ranking gut one), and ``head_ratio`` 0 keeps every head.
     """
+    cap = 1.0 if plan.max_ratio is None else plan.max_ratio
     candidates: list[tuple[float, int, str, list[int]]] = []
     for layer in pruned_layers(plan, s):
-        if plan.attention_unit == "kv":
+        heads = plan.head_ratio != 0
+        if heads and plan.attention_unit == "kv":
             per = s.group_params("kv")
-            for g in _argsort(scores["kv"][layer])[: s.kv_heads - 1]:
+            most = min(s.kv_heads - 1, math.floor(cap * s.kv_heads))
+            for g in _argsort(scores["kv"][layer])[:most]:
                 candidates.append((float(scores["kv"][layer][g]) / per, layer, "kv", [g]))
-        else:
+        elif heads:
             previous: list[int] = []
-            for k in range(1, s.group_size):
+            for k in range(1, min(s.group_size - 1, math.floor(cap * s.group_size)) + 1):
                 heads = _heads_evenly(scores, s, layer, k)
                 new = [h for h in heads if h not in previous]
                 score = sum(float(scores["head"][layer][h]) for h in new)
                 candidates.append((score / (len(new) * s.group_params("head")), layer, "head", new))
                 previous = heads
         per = s.group_params("mlp")
-        for c in _argsort(scores["mlp"][layer])[: s.intermediate - plan.round_to]:
+        most = min(s.intermediate - plan.round_to, math.floor(cap * s.intermediate))
+        for c in _argsort(scores["mlp"][layer])[:most]:
             candidates.append((float(scores["mlp"][layer][c]) / per, layer, "mlp", [c]))
     candidates.sort(key=lambda c: c[0])
     budget = (plan.target or 0.0) * s.block_params

@@ -28,6 +28,7 @@ from .statistics import Statistics, collect_statistics
 from .structure import StructureMap
 
 Progress = Callable[[float, str], None]
+KINDS = ("head", "kv", "mlp", "layer")  # scored for every plan; hidden channels on demand
 
 
 @dataclass
@@ -40,7 +41,9 @@ class Explorer:
     seed: int = 0
     structure: StructureMap = field(init=False)
     _stats: Statistics | None = field(default=None, init=False, repr=False)
-    _scores: dict[tuple[str, str], Scores] = field(default_factory=dict, init=False, repr=False)
+    _scores: dict[tuple[str, str, tuple[str, ...]], Scores] = field(
+        default_factory=dict, init=False, repr=False
+    )
     _dense_ppl: float | None = field(default=None, init=False, repr=False)
     _live: LivePreview | None = field(default=None, init=False, repr=False)
 
@@ -86,15 +89,26 @@ class Explorer:
         return self._stats
 
     def scores(
-        self, criterion: str, reduction: str = "sum", progress: Progress | None = None
+        self,
+        criterion: str,
+        reduction: str = "sum",
+        progress: Progress | None = None,
+        *,
+        hidden: bool = False,
     ) -> Scores:
-        """Scores of every group kind; cached, so switching back to a criterion is instant."""
+        """Scores of every group kind; cached, so switching back to a criterion is instant.
+
+        Hidden channels are scored only when ``hidden`` asks for them: only plans that cut them
+        need those scores.
+        """
         crit = get_criterion(criterion)
-        key = (criterion, reduction if crit.uses_reduction else "-")
+        kinds = KINDS + (("hidden",) if hidden else ())
+        key = (criterion, reduction if crit.uses_reduction else "-", kinds)
         if key not in self._scores:
-            stats = self.statistics(crit.needs, progress) if crit.needs != Needs() else None
+            needs = crit.needs | Needs(embeddings=hidden and crit.needs.gradients)
+            stats = self.statistics(needs, progress) if needs != Needs() else None
             ctx = ScoreContext(
-                self.model, self.structure, stats, reduction=reduction, seed=self.seed
+                self.model, self.structure, stats, reduction=reduction, seed=self.seed, kinds=kinds
             )
             self._scores[key] = crit.score(ctx)
         return self._scores[key]
@@ -102,7 +116,8 @@ class Explorer:
     def resolve(self, plan: Plan, progress: Progress | None = None) -> Selection:
         """The selection ``plan`` gives on this model."""
         plan.check(self.structure.num_layers)
-        return resolve(plan, self.structure, self.scores(plan.criterion, plan.reduction, progress))
+        scores = self.scores(plan.criterion, plan.reduction, progress, hidden=plan.hidden_ratio > 0)
+        return resolve(plan, self.structure, scores)
 
     # -- preview ------------------------------------------------------------------------------------
     def dense_perplexity(self, progress: Progress | None = None) -> float:

@@ -3,7 +3,8 @@
 Every criterion declares its ``Needs``; the pass collects their union, so switching criterion never
 re-reads the data when the statistics already ``cover`` the new needs. Nothing per token is kept:
 each hook folds its tensor into a sum the moment it sees it, so memory is the model, plus one
-parameter-sized buffer for gradients and one for the Fisher diagonal when asked, plus the small
+parameter-sized buffer for gradients and one for the Fisher diagonal when asked (the embedding and
+output head excluded unless ``Needs.embeddings``: only hidden-channel scores read them), plus the
 per-layer matrices. All sums are fp32 on the device of the module they come from.
 
 Units: the loss is the summed next-token cross-entropy over all windows. ``mean_grad`` divides by
@@ -229,12 +230,14 @@ class _Collector:
         weight_grads = needs.gradients  # set whenever the Fisher is asked for too
         params = list(model.named_parameters())
         requires = [p.requires_grad for _, p in params]
+        skipped = set() if needs.embeddings else self._embedding_params()
         handles = []
         try:
             for name, p in params:
                 p.grad = None
-                p.requires_grad_(weight_grads)
-                if weight_grads:
+                wanted = weight_grads and id(p) not in skipped
+                p.requires_grad_(wanted)
+                if wanted:
                     handles.append(p.register_post_accumulate_grad_hook(self._on_grad(name)))
             if backward and not weight_grads:
                 # Output gradients alone: let the graph start at the embedding output instead of
@@ -260,13 +263,23 @@ class _Collector:
                 p.grad = None
                 p.requires_grad_(req)
 
+    def _embedding_params(self) -> set[int]:
+        """ids of the embedding and output-head parameters (one tensor when they are tied)."""
+        f = self.structure.family
+        return {
+            id(p)
+            for path in (f.embed, f.lm_head)
+            for p in get_module(self.model, path).parameters()
+        }
+
     def alias_tied(self) -> None:
         """File tied parameters' sums under each of their names too (same tensors, no copies)."""
         canonical = {id(p): name for name, p in self.model.named_parameters()}
         for table in (self.stats.gradients, self.stats.fisher):
             if table:
                 for name, p in self.model.named_parameters(remove_duplicate=False):
-                    table[name] = table[canonical[id(p)]]
+                    if canonical[id(p)] in table:
+                        table[name] = table[canonical[id(p)]]
 
     # -- hooks ---------------------------------------------------------------------------------
     def _on_grad(self, name: str):

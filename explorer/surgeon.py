@@ -51,6 +51,8 @@ ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 SURGEON_NEEDS = Needs(
     covariance=("down_proj", "gate_proj", "o_proj", "q_proj"), output_gradient_covariance=ROLES
 )
+# The column updates (the default) read only the input covariances.
+UPDATE_NEEDS = Needs(covariance=SURGEON_NEEDS.covariance)
 Progress = Callable[[float, str], None]
 Resolver = Callable[[Scores], Selection]
 
@@ -62,20 +64,43 @@ def damped(matrix: torch.Tensor, damping: float = 0.01) -> torch.Tensor:
     return m + damping * m.diagonal().mean().clamp_min(1e-12) * eye
 
 
+def inverse_diagonal(m: torch.Tensor) -> torch.Tensor:
+    """diag(M⁻¹) of a symmetric positive definite ``m`` from its Cholesky factor.
+
+    ‖L⁻¹ eᵢ‖² = [M⁻¹]ᵢᵢ for M = L Lᵀ: a third of the work of a full inverse, and the costs need
+    only the diagonal.
+    """
+    chol = torch.linalg.cholesky(m)
+    eye = torch.eye(m.shape[0], dtype=m.dtype, device=m.device)
+    return torch.linalg.solve_triangular(chol, eye, upper=False).square().sum(0)
+
+
+def row_costs(weight: torch.Tensor, a: torch.Tensor, g_inv_diag: torch.Tensor) -> torch.Tensor:
+    """L_r = ½ W_r A W_rᵀ / [G⁻¹]_rr for every row of ``weight``."""
+    w = weight.double()
+    return 0.5 * ((w @ a) * w).sum(1) / g_inv_diag
+
+
+def column_costs(weight: torch.Tensor, g: torch.Tensor, a_inv_diag: torch.Tensor) -> torch.Tensor:
+    """L_c = ½ W_:,cᵀ G W_:,c / [A⁻¹]_cc for every column of ``weight``."""
+    w = weight.double()
+    return 0.5 * ((g @ w) * w).sum(0) / a_inv_diag
+
+
 def removal_costs(
     weight: torch.Tensor, a: torch.Tensor, g: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(L_r per row, L_c per column) of ``weight`` under the damped factors ``a`` and ``g``."""
-    w = weight.double()
-    rows = 0.5 * ((w @ a) * w).sum(1) / torch.linalg.inv(g).diagonal()
-    cols = 0.5 * ((g @ w) * w).sum(0) / torch.linalg.inv(a).diagonal()
-    return rows, cols
+    return (
+        row_costs(weight, a, inverse_diagonal(g)),
+        column_costs(weight, g, inverse_diagonal(a)),
+    )
 
 
 def surgeon_update(
     weight: torch.Tensor,
     a: torch.Tensor,
-    g: torch.Tensor,
+    g: torch.Tensor | None,
     rows: Sequence[int] | None = None,
     cols: Sequence[int] | None = None,
 ) -> torch.Tensor:
@@ -108,24 +133,31 @@ class Curvature:
         self.model, self.structure, self.stats, self.damping = model, structure, stats, damping
         f = structure.family
         self._input_of = {f.k: f.q, f.v: f.q, f.up: f.gate}
-        self._costs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._costs: dict[tuple[int, str, int], torch.Tensor] = {}
 
-    def factors(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, G) of module ``name`` of ``layer``, damped (float64, not kept: they are big)."""
-        path = self.structure.path(layer, name)
+    def _a(self, layer: int, name: str) -> torch.Tensor:
+        """Damped A of module ``name`` (float64, not kept: the factors are big)."""
         source = self.structure.path(layer, self._input_of.get(name, name))
-        return (
-            damped(self.stats.cov(source), self.damping),
-            damped(self.stats.grad_cov(path), self.damping),
-        )
+        return damped(self.stats.cov(source), self.damping)
 
-    def costs(self, layer: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row costs, column costs) of module ``name`` of ``layer``."""
-        path = self.structure.path(layer, name)
-        if path not in self._costs:
-            weight = get_module(self.model, path).weight.detach()
-            self._costs[path] = removal_costs(weight, *self.factors(layer, name))
-        return self._costs[path]
+    def _g(self, layer: int, name: str) -> torch.Tensor:
+        return damped(self.stats.grad_cov(self.structure.path(layer, name)), self.damping)
+
+    def costs(self, layer: int, name: str, dim: int) -> torch.Tensor:
+        """Row (``dim`` 0) or column (1) costs of module ``name`` of ``layer``, cached.
+
+        Only the side asked for is computed: a head or MLP channel reads rows of the writers and
+        columns of the readers, so the other side (needed for hidden channels) is skipped.
+        """
+        key = (layer, name, dim)
+        if key not in self._costs:
+            weight = get_module(self.model, self.structure.path(layer, name)).weight.detach()
+            a, g = self._a(layer, name), self._g(layer, name)
+            if dim == 0:
+                self._costs[key] = row_costs(weight, a, inverse_diagonal(g))
+            else:
+                self._costs[key] = column_costs(weight, g, inverse_diagonal(a))
+        return self._costs[key]
 
     @cached_property
     def _linear_names(self) -> dict[str, tuple[int, str]]:
@@ -136,8 +168,7 @@ class Curvature:
         """Cost per unit of a member (rows for dim 0, columns for dim 1); None off the linears."""
         if module not in self._linear_names:
             return None
-        rows, cols = self.costs(*self._linear_names[module])
-        return (rows if dim == 0 else cols).reshape(-1, block).sum(1)
+        return self.costs(*self._linear_names[module], dim).reshape(-1, block).sum(1)
 
     def scores(self, kinds: Sequence[Kind], device: torch.device) -> Scores:
         """Group costs: the sum of their members' row and column costs (a layer: all of them)."""
@@ -163,8 +194,8 @@ class Curvature:
 
     def _layer_cost(self, layer: int) -> torch.Tensor:
         f = self.structure.family
-        total = sum(self.costs(layer, n)[0].sum() for n in (f.q, f.k, f.v, f.gate, f.up))
-        return total + sum(self.costs(layer, n)[1].sum() for n in (f.o, f.down))
+        total = sum(self.costs(layer, n, 0).sum() for n in (f.q, f.k, f.v, f.gate, f.up))
+        return total + sum(self.costs(layer, n, 1).sum() for n in (f.o, f.down))
 
     @torch.no_grad()
     def apply(
@@ -196,8 +227,9 @@ class Curvature:
                 if now == removed(previous, path):
                     continue
                 weight = get_module(self.model, path).weight
-                a, g = self.factors(layer, name)
-                weight.copy_(surgeon_update(weight, a, g, *now).to(weight.dtype))
+                g = self._g(layer, name) if rows else None
+                updated = surgeon_update(weight, self._a(layer, name), g, *now)
+                weight.copy_(updated.to(weight.dtype))
 
 
 def _surgeon(ctx: ScoreContext) -> Scores:
@@ -234,6 +266,9 @@ def surgeon_prune(
     s = structure
     work = copy.deepcopy(model)
     current = Selection()
+    # One shot to a known selection needs no costs: only the factors its updates read.
+    one_shot = shots == 1 and isinstance(target, Selection)
+    needs = SURGEON_NEEDS if update_rows or not one_shot else UPDATE_NEEDS
     for shot in range(1, shots + 1):
 
         def report(fraction: float, message: str, shot: int = shot) -> None:
@@ -242,12 +277,12 @@ def surgeon_prune(
 
         with masked(work, s, current):
             stats = collect_statistics(
-                work, s, windows, SURGEON_NEEDS, batch_size=batch_size, progress=report
+                work, s, windows, needs, batch_size=batch_size, progress=report
             )
         curvature = Curvature(work, s, stats, damping)
         if isinstance(target, Selection):
             goal = target
-            scores = curvature.scores(_kinds_of(target), torch.device("cpu"))
+            scores = {} if one_shot else curvature.scores(_kinds_of(target), torch.device("cpu"))
         else:
             scores = _mark_removed(curvature.scores(kinds, torch.device("cpu")), s, current)
             goal = target(scores)

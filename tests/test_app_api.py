@@ -4,7 +4,9 @@ sessions at once that each keep their own plan. Plus the agreement numbers the I
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import threading
 import time
 from pathlib import Path
@@ -15,10 +17,11 @@ import torch
 
 pytest.register_assert_rewrite("tests.app_fixtures")
 
-from components import state  # noqa: E402
+from components import recovery, state  # noqa: E402
 from components.importance import agreement  # noqa: E402
 from components.model import source_dict  # noqa: E402
 from explorer.errors import DataError, PlanError  # noqa: E402
+from explorer.plan import Plan  # noqa: E402
 from tests.app_fixtures import EVAL_WINDOWS  # noqa: E402
 
 pytest_plugins = ["tests.app_fixtures"]
@@ -50,6 +53,26 @@ def preview(client) -> list:
     job = client.submit(api_name="/preview")
     job.result()
     return job.outputs()
+
+
+def recover(client, steps: list[str], **values) -> list:
+    """Every update the streaming recovery sent; ``values``: form fields as ``step_param=value``."""
+    form = [values.get(f"{f.step}_{f.name}", f.default) for f in recovery.fields()]
+    job = client.submit(steps, *form, api_name="/recover")
+    job.result()
+    return job.outputs()
+
+
+def shared_weights() -> dict[str, str]:
+    """A digest of every shared model's parameters (and which of them train), per loaded model."""
+    digests = {}
+    for key, loaded in state.SHARED._entries.items():
+        digest = hashlib.sha256()
+        for name, p in loaded.explorer.model.named_parameters():
+            digest.update(f"{name}:{p.requires_grad}".encode())
+            digest.update(p.detach().cpu().numpy().tobytes())
+        digests[key] = digest.hexdigest()
+    return digests
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +149,104 @@ def test_generation_and_export(client, tmp_path):
     assert report["perplexity_after"] > report["perplexity_before"] > 1
     assert sorted(name.rsplit("/", 1)[-1] for name in files) == ["plan.json", "report.json"]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+@pytest.mark.real
+def test_layerwise_recovery_is_saved_in_the_plan_and_exported(client_factory, tmp_path):
+    from gradio_client import handle_file
+
+    client = client_factory()
+    load(client)
+    before = shared_weights()
+    updates = recover(client, ["layerwise"])
+    assert any("Recovering (Layer-wise refit: layer 30/30)" in u[0] for u in updates)
+    message, dense, pruned, recovered, reports, losses = updates[-1]
+    assert "Done" in message and losses is None
+    dense, pruned, recovered = float(dense), float(pruned), float(recovered)
+    assert math.isfinite(recovered) and 1 < dense < pruned
+    (report,) = reports
+    assert report["step"] == "layerwise" and report["modules"] == 2 * 30  # o_proj, down_proj
+    assert report["mean_error_after"] < report["mean_error_before"]
+    assert shared_weights() == before  # recovered on a copy
+
+    # The plan carries the step: its JSON, and another session that loads it.
+    shown = client.predict(api_name="/show_plan")
+    steps = [{"step": "layerwise", "damping": 0.01, "shrink_to_current": True}]
+    assert shown[INFO]["plan"]["recovery"] == steps
+    assert json.loads(Path(shown[PLAN_FILE]).read_text())["recovery"] == steps
+    other = client_factory()
+    load(other)
+    loaded = other.predict(handle_file(shown[PLAN_FILE]), api_name="/load_plan")
+    assert loaded[INFO]["plan"]["recovery"] == steps
+
+    # Export re-uses the recovered model made for this plan, and reports both perplexities.
+    checks, exported, _ = client.predict(str(tmp_path / "out"), False, api_name="/export")
+    assert "Verified" in checks and "Recovering" not in checks
+    assert exported["recovery"] == steps
+    assert exported["perplexity_after"] == pytest.approx(recovered, rel=1e-3)
+    assert exported["perplexity_before_recovery"] == pytest.approx(pruned, rel=1e-3)
+    assert exported["perplexity_before"] == pytest.approx(dense, rel=1e-3)
+
+
+@pytest.mark.real
+def test_lora_recovery_reports_its_losses_and_an_export_recovers_on_its_own(
+    client_factory, tmp_path
+):
+    from gradio_client import handle_file
+
+    client = client_factory()
+    load(client)
+    before = shared_weights()
+    message, _, _, recovered, reports, losses = recover(client, ["lora"], lora_steps=3)[-1]
+    assert "Done" in message and math.isfinite(float(recovered))
+    (report,) = reports
+    assert report["step"] == "lora" and len(report["losses"]) == 3
+    assert all(math.isfinite(loss) for loss in report["losses"])
+    (curve,) = json.loads(losses["plot"])["data"]
+    assert curve["y"] == pytest.approx(report["losses"])
+
+    # A plan whose recovery was never run on the Recover tab: the export runs it itself.
+    plan = Plan(recovery=[{"step": "lora", "steps": 2, "rank": 4}])
+    plan.save(tmp_path / "plan.json")
+    client.predict(handle_file(str(tmp_path / "plan.json")), api_name="/load_plan")
+    checks, exported, _ = client.predict(str(tmp_path / "out"), False, api_name="/export")
+    assert "Recovering (LoRA step 2/2" in checks and "Verified" in checks
+    assert exported["recovery"] == plan.recovery
+    assert math.isfinite(exported["perplexity_after"])
+    assert exported["perplexity_before_recovery"] > exported["perplexity_before"] > 1
+    assert shared_weights() == before
+
+
+@pytest.mark.real
+def test_a_running_recovery_stops_at_its_next_step(client_factory):
+    client = client_factory()
+    load(client)
+    form = [200 if (f.step, f.name) == ("lora", "steps") else f.default for f in recovery.fields()]
+    job = client.submit(["lora"], *form, api_name="/recover")
+    deadline = time.monotonic() + 600
+    while not any("LoRA step 1/200" in update[0] for update in job.outputs()):
+        assert time.monotonic() < deadline and not job.done()
+        time.sleep(0.2)
+    client.predict(api_name="/stop")  # the session's Stop: ends whichever run it has
+    job.result()
+    updates = job.outputs()
+    assert "Stopped" in updates[-1][0]
+    assert not any("LoRA step 10/200" in update[0] for update in updates)
+    assert state.SHARED.lock.acquire(timeout=60)
+    state.SHARED.lock.release()
+
+
+@pytest.mark.real
+def test_bad_recovery_input_is_refused_and_the_session_keeps_working(client):
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError, match="No recovery step is chosen"):
+        recover(client, [])
+    with pytest.raises(AppError, match=r"steps = -3 is out of range; use a whole number of 1"):
+        recover(client, ["lora"], lora_steps=-3)
+    with pytest.raises(AppError, match=r"damping = -1.0 is out of range"):
+        recover(client, ["layerwise"], layerwise_damping=-1.0)
+    assert client.predict(api_name="/show_plan")[INFO]["error"] is None
 
 
 @pytest.mark.real
@@ -293,6 +414,34 @@ def test_errors_of_the_worker_reach_the_page():
         next(run)
     assert state.SHARED.lock.acquire(timeout=60)
     state.SHARED.lock.release()
+
+
+def test_a_plans_recovery_fills_the_recover_form_and_comes_back_from_it():
+    fields = recovery.fields()
+    plan = Plan(
+        recovery=[
+            {"step": "lora", "steps": 3, "lr": 1e-3},
+            {"step": "layerwise", "modules": ["down_proj"]},
+            {"step": "nope"},
+        ]
+    )
+    chosen, *rest = recovery.show(state.SessionState(plan=plan))
+    values, groups, message = rest[: len(fields)], rest[len(fields) : -1], rest[-1]
+    assert chosen == ["lora", "layerwise"]  # the plan's order
+    form = {(f.step, f.name): v for f, v in zip(fields, values, strict=True)}
+    assert form["lora", "steps"] == 3 and form["lora", "lr"] == 1e-3
+    assert form["lora", "rank"] == 8 and form["layerwise", "damping"] == 0.01  # defaults
+    visible = {name: g.visible for name, g in zip(recovery.with_parameters(), groups, strict=True)}
+    assert visible == {"layerwise": True, "lora": True, "surgeon": False}
+    assert "unknown recovery steps (nope)" in message
+    # Back into the plan: what the form does not show (layer-wise's modules) is kept.
+    assert recovery.recipe(chosen, values, plan.recovery) == [
+        {"step": "lora", "steps": 3, "lr": 1e-3, "rank": 8, "batch_size": 4, "seed": 0},
+        {"step": "layerwise", "modules": ["down_proj"], "damping": 0.01, "shrink_to_current": True},
+    ]
+    zero_rank = [0 if key == ("lora", "rank") else v for key, v in form.items()]
+    with pytest.raises(PlanError, match="rank = 0 is out of range"):
+        recovery.recipe(["lora"], zero_rank, [])
 
 
 def test_text_sources_from_the_model_panel(tmp_path):

@@ -7,11 +7,13 @@ default model. Screenshots of every panel go to assets/screenshots/ for the READ
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
 pytest.register_assert_rewrite("tests.app_fixtures")
 
+from components.recovery import registered  # noqa: E402
 from tests.app_fixtures import EVAL_WINDOWS, SCREENSHOTS  # noqa: E402
 
 pytest_plugins = ["tests.app_fixtures"]
@@ -200,6 +202,33 @@ def test_generations_show_side_by_side(page):
     assert page.inner_text("#gen-dense").strip()
     assert page.inner_text("#gen-pruned").strip()
     screenshot(page, "generation")
+
+
+def test_layerwise_recovery_shows_the_recovered_perplexity_and_joins_the_plan(page):
+    open_tab(page, "Recover")
+    page.click("#recover-steps input")
+    page.get_by_role("option", name=registered()["layerwise"].title).click()
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#recover-status:has-text('Saved in the plan')", timeout=SLOW)
+    assert page.is_visible("#recover-layerwise-damping")
+    assert not page.is_visible("#recover-lora-steps")
+    page.click("#recover-run")
+    page.wait_for_function(
+        """() => {
+            const status = document.querySelector('#recover-status');
+            const recovered = document.querySelector('#recover-recovered textarea');
+            return status && status.innerText.includes('Done') && recovered.value !== '';
+        }""",
+        timeout=SLOW,
+    )
+    dense, pruned = number(page, "recover-dense"), number(page, "recover-pruned")
+    assert 1 < dense < pruned and math.isfinite(number(page, "recover-recovered"))
+    assert "mean_error_after" in page.inner_text("#recover-reports")
+    screenshot(page, "recover")
+    open_tab(page, "Plan")
+    with page.expect_download() as download:
+        page.click("#plan-save")
+    assert json.loads(download.value.path().read_text())["recovery"][0]["step"] == "layerwise"
 
 
 def test_export_shows_checks_and_report(page, tmp_path):

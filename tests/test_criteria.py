@@ -19,7 +19,7 @@ from explorer.statistics import Statistics
 from tests.tiny import tiny
 
 ALL_KINDS = ("head", "kv", "mlp", "hidden", "layer")
-HELD = Needs(gradients=True, fisher=True, input_moments=True, hidden_states=True)
+HELD = Needs(gradients=True, fisher=True, input_moments=True, hidden_states=True, embeddings=True)
 
 
 def score(name, model, s, stats, reduction="sum", kinds=ALL_KINDS, seed=0):

@@ -151,6 +151,22 @@ def test_global_keeps_a_head_per_group_and_channels(llama):
         assert sel.kept(llama, layer)["intermediate"] >= 1
 
 
+def test_global_cap_and_mlp_only(llama):
+    s = llama
+    scores = known_scores(s)
+    scores["mlp"][1:] += 1000  # layer 0's channels are cheapest by far
+    scores["head"] -= 1e6  # and heads cheaper still
+    sel = resolve(Plan(allocation="global", target=0.2, head_ratio=0.0, max_ratio=0.5), s, scores)
+    assert not sel.heads and not sel.kv
+    assert len(sel.mlp[0]) == s.intermediate // 2, "the cap stops the ranking at half of layer 0"
+    assert all(len(v) <= s.intermediate // 2 for v in sel.mlp.values())
+    assert 1 - param_counts(s, sel)["blocks"] / s.block_params >= 0.2 - 1e-9
+    capped = resolve(Plan(allocation="global", target=0.3, max_ratio=0.34), s, scores)
+    assert all(len(v) <= 0.34 * s.heads for v in capped.heads.values()) and capped.heads
+    with pytest.raises(PlanError, match="max_ratio"):
+        Plan(allocation="global", max_ratio=1.5).check()
+
+
 def test_hidden_ratio_keeps_a_multiple_of_heads():
     _, s = tiny("llama")
     scores = {"hidden": torch.arange(s.hidden).float(), "mlp": torch.zeros(3, s.intermediate)}

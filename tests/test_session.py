@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from explorer.cli import main
-from explorer.errors import DataError
+from explorer.errors import DataError, PlanError
 from explorer.importance import criterion_names
 from explorer.masking import masked
 from explorer.plan import Plan
@@ -81,6 +81,32 @@ def test_calibration_must_differ_from_evaluation(tiny_llama_dir):
     ws = load_model(str(tiny_llama_dir))
     with pytest.raises(DataError):
         Explorer.from_texts(ws, EVALUATION, EVALUATION, calibration_length=8)
+
+
+def test_plans_cutting_hidden_channels_resolve_with_every_criterion(tiny_llama_dir):
+    """Hidden-channel scores are computed when a plan asks for them (and only then)."""
+    from explorer.loading import load_model
+
+    ex = Explorer.from_texts(
+        load_model(str(tiny_llama_dir)),
+        CALIBRATION,
+        EVALUATION,
+        calibration_length=16,
+        evaluation_length=16,
+    )
+    s = ex.structure
+    for criterion in criterion_names():
+        plan = Plan(criterion=criterion, target=None, head_ratio=0.0, mlp_ratio=0.0)
+        assert not ex.resolve(plan).hidden
+        plan.hidden_ratio = 0.25
+        if criterion == "flap":  # FLAP's fluctuation is defined for module inputs only
+            with pytest.raises(PlanError, match="hidden"):
+                ex.resolve(plan)
+            continue
+        sel = ex.resolve(plan)
+        assert len(sel.hidden) == s.hidden // 4 and (s.hidden - len(sel.hidden)) % s.heads == 0
+        assert "hidden" in ex.scores(criterion, hidden=True)
+        assert math.isfinite(ex.perplexity(sel)), criterion
 
 
 @pytest.mark.real

@@ -66,7 +66,7 @@ def capture(model, paths, *, outputs: bool = False):
 def test_gradients_are_those_of_the_summed_loss(family):
     model, s = tiny(family)
     ids = tokens(3, 10)
-    stats = collect_statistics(model, s, ids, Needs(gradients=True), batch_size=2)
+    stats = collect_statistics(model, s, ids, Needs(gradients=True, embeddings=True), batch_size=2)
     ref = copy.deepcopy(model)
     loss = summed_loss(ref, ids)
     loss.backward()
@@ -82,7 +82,7 @@ def test_gradients_are_those_of_the_summed_loss(family):
 def test_fisher_is_the_sum_of_squared_per_window_gradients():
     model, s = tiny("llama")
     ids = tokens(3, 9)
-    stats = collect_statistics(model, s, ids, Needs(fisher=True), batch_size=3)
+    stats = collect_statistics(model, s, ids, Needs(fisher=True, embeddings=True), batch_size=3)
     assert stats.needs.gradients, "the Fisher pass also yields the gradients, for free"
     ref = copy.deepcopy(model)
     names, params = zip(*ref.named_parameters(), strict=True)
@@ -98,6 +98,22 @@ def test_fisher_is_the_sum_of_squared_per_window_gradients():
         path, _, param = name.rpartition(".")
         assert close(stats.fisher_diag(path, param), f / 3), name
     assert stats.fisher["lm_head.weight"] is stats.fisher["model.embed_tokens.weight"]
+
+
+def test_embedding_gradients_only_when_asked():
+    """Only hidden-channel scores read them; the rest of the sums are unchanged without them."""
+    model, s = tiny("llama")
+    ids = tokens(2, 8)
+    full = collect_statistics(model, s, ids, Needs(fisher=True, embeddings=True))
+    lean = collect_statistics(model, s, ids, Needs(fisher=True))
+    embed = {"model.embed_tokens.weight", "lm_head.weight"}
+    assert embed <= set(full.gradients) and not embed & (set(lean.gradients) | set(lean.fisher))
+    assert set(lean.gradients) == set(full.gradients) - embed
+    for name, g in lean.gradients.items():
+        assert torch.equal(g, full.gradients[name]) and torch.equal(
+            lean.fisher[name], full.fisher[name]
+        )
+    assert all(p.requires_grad for p in model.parameters()), "requires_grad is restored"
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

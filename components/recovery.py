@@ -1,0 +1,338 @@
+"""Recover panel: repair the pruned model with the registered recovery steps, then measure it.
+
+Recovery changes the kept weights, so unlike the preview it works on a physically pruned copy
+(``Explorer.recover``) and never touches the shared model. The steps chosen here, in their order
+and with their parameters, are the plan's ``recovery``: saved with the plan, applied by Export and
+replayed by the command line. The session keeps its last recovered model with the model and plan
+it was made for, so exporting that plan re-uses it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import gradio as gr
+import plotly.graph_objects as go
+
+from explorer.errors import ExplorerError, PlanError
+from explorer.evaluate import iter_perplexity
+from explorer.importance import criterion_names
+from explorer.recovery import RECOVERY_STEPS, RecoveryStep
+from explorer.selection import Selection
+
+from .plan import plan_file
+from .preview import measure, measuring, perplexities, shown, stopped
+from .state import (
+    SHARED,
+    Loaded,
+    Recovered,
+    SessionState,
+    api,
+    resolve,
+    status,
+    stop_runs,
+    streamed,
+    user_error,
+)
+
+
+def registered() -> dict[str, RecoveryStep]:
+    """Every recovery step, in registry order.
+
+    FLAP's and LLM Surgeon's steps register with their criteria, so the criteria are loaded first.
+    """
+    criterion_names()
+    return RECOVERY_STEPS
+
+
+@dataclass(frozen=True)
+class Field:
+    """A step's parameter that the form shows: one with a number or a yes/no as its default."""
+
+    step: str
+    name: str
+    default: bool | int | float
+
+
+def fields() -> list[Field]:
+    """The form's parameters, step by step in registry order (the order of the form's inputs)."""
+    return [
+        Field(name, param, default)
+        for name, step in registered().items()
+        for param, default in step.params().items()
+        if isinstance(default, bool | int | float)
+    ]
+
+
+def with_parameters() -> list[str]:
+    """The steps with a parameter group in the form, in registry order."""
+    return list(dict.fromkeys(f.step for f in fields()))
+
+
+@dataclass
+class RecoverPanel:
+    steps: gr.Dropdown
+    groups: dict[str, gr.Group]  # a step's parameters, shown while the step is chosen
+    params: list[gr.components.Component]  # one per ``fields()``, in that order
+    run: gr.Button
+    stop: gr.Button
+    status: gr.HTML
+    dense: gr.Textbox
+    pruned: gr.Textbox
+    recovered: gr.Textbox
+    reports: gr.JSON
+    losses: gr.Plot
+
+    @property
+    def form(self) -> list:
+        return [self.steps, *self.params]
+
+
+def build() -> RecoverPanel:
+    gr.Markdown(
+        "Repair what pruning broke, on a pruned copy (the shared model is not changed), and "
+        "measure the result on the evaluation windows. The chosen steps are part of the plan: "
+        "the saved plan JSON carries them and Export applies them."
+    )
+    steps = gr.Dropdown(
+        [(step.title, name) for name, step in registered().items()],
+        value=[],
+        multiselect=True,
+        label="Recovery steps, in the order they run",
+        elem_id="recover-steps",
+    )
+    groups, params = {}, []
+    for name in with_parameters():
+        step = registered()[name]
+        with gr.Group(visible=False) as groups[name]:
+            gr.Markdown(f"**{step.title}** · {step.paper}")
+            with gr.Row():
+                params.extend(control(f) for f in fields() if f.step == name)
+    with gr.Row():
+        run = gr.Button("Recover and measure", variant="primary", elem_id="recover-run")
+        stop = gr.Button("Stop", variant="stop", elem_id="recover-stop")
+    recover_status = gr.HTML(elem_id="recover-status")
+    with gr.Row():
+        dense = gr.Textbox(label="Dense perplexity", interactive=False, elem_id="recover-dense")
+        pruned = gr.Textbox(label="Pruned perplexity", interactive=False, elem_id="recover-pruned")
+        recovered = gr.Textbox(
+            label="Recovered perplexity", interactive=False, elem_id="recover-recovered"
+        )
+    with gr.Row():
+        reports = gr.JSON(label="What each step reported", elem_id="recover-reports", scale=1)
+        losses = gr.Plot(label="Training loss", elem_id="recover-losses", scale=2)
+    return RecoverPanel(
+        steps, groups, params, run, stop, recover_status, dense, pruned, recovered, reports, losses
+    )
+
+
+def control(f: Field) -> gr.components.Component:
+    label, elem_id = f.name.replace("_", " "), f"recover-{f.step}-{f.name}"
+    if isinstance(f.default, bool):
+        return gr.Checkbox(f.default, label=label, elem_id=elem_id)
+    whole = isinstance(f.default, int)
+    return gr.Number(f.default, precision=0 if whole else None, label=label, elem_id=elem_id)
+
+
+# -- the plan's recovery entries ----------------------------------------------------------------------
+def recipe(chosen: Sequence[str] | None, values: Sequence, previous: list[dict]) -> list[dict]:
+    """The plan's ``recovery``: the chosen steps in their order, each with the form's values.
+
+    Parameters the form does not show (a list of modules, say) are kept from ``previous``.
+    """
+    steps = registered()
+    given = dict(zip(fields(), values, strict=True))
+    before = {entry.get("step"): entry for entry in previous}
+    out = []
+    for name in chosen or []:  # Gradio refuses a name that is not one of the choices
+        entry = {**before.get(name, {}), "step": name}
+        for f, value in given.items():
+            if f.step == name:
+                entry[f.name] = checked(steps[name], f, value)
+        out.append(entry)
+    return out
+
+
+def checked(step: RecoveryStep, f: Field, value) -> bool | int | float:
+    """A form value as the step takes it, refused when out of range.
+
+    Numbers must be finite and not negative; a count whose default is at least 1 (steps, rank,
+    batch size, shots) must be at least 1.
+    """
+    if isinstance(f.default, bool):
+        return bool(value)
+    whole = isinstance(f.default, int)
+    least = 1 if whole and f.default >= 1 else 0
+    number = float("nan") if value is None else float(value)
+    if not math.isfinite(number) or number < least or (whole and number != int(number)):
+        kind = f"a whole number of {least} or more" if whole else "a number of 0 or more"
+        raise PlanError(f"{step.title}: {f.name} = {value} is out of range; use {kind}.")
+    return int(number) if whole else number
+
+
+def shown_groups(chosen: Sequence[str] | None) -> list[gr.Group]:
+    """Each parameter group shown while its step is chosen."""
+    return [gr.Group(visible=name in (chosen or [])) for name in with_parameters()]
+
+
+def set_recovery(session: SessionState, chosen: list[str] | None, *values):
+    """A change of the form: the plan's recovery (and its saved JSON) follow, when valid."""
+    try:
+        session.plan.recovery = recipe(chosen, values, session.plan.recovery)
+    except ExplorerError as exc:
+        return gr.skip(), status(str(exc), "error"), *shown_groups(chosen)
+    return plan_file(session), status("Saved in the plan.", "ok"), *shown_groups(chosen)
+
+
+def show(session: SessionState):
+    """The form for the session's plan (after a plan is loaded or changed elsewhere)."""
+    steps = registered()
+    entries = {entry.get("step"): entry for entry in session.plan.recovery}
+    chosen = [name for name in entries if name in steps]
+    unknown = [str(name) for name in entries if name not in steps]
+    values = [entries.get(f.step, {}).get(f.name, f.default) for f in fields()]
+    message = (
+        status(
+            f"The plan names unknown recovery steps ({', '.join(unknown)}); choose from the list.",
+            "error",
+        )
+        if unknown
+        else gr.skip()
+    )
+    return chosen, *values, *shown_groups(chosen), message
+
+
+# -- recovering and measuring -------------------------------------------------------------------------
+def recover(
+    loaded: Loaded,
+    selection: Selection,
+    steps: list[dict],
+    say: Callable[[str], None],
+    made_for: tuple[str | None, str],
+) -> Recovered:
+    """The recovered copy, its step reports and perplexity; ``say(message)`` as it goes.
+
+    Runs in a worker that holds the lock (see ``state.streamed``); a stop raises from ``say``.
+    """
+    ex = loaded.explorer
+    say("Recovering (pruning a copy of the model)")
+    model, reports = ex.recover(selection, steps, lambda _, message: say(f"Recovering ({message})"))
+    evaluation = iter_perplexity(model, ex.evaluation)
+    perplexity = measure(evaluation, "recovered", lambda item: say(measuring(item)))
+    return Recovered(made_for, model, reports, perplexity)
+
+
+def loss_figure(reports: list[dict]) -> go.Figure | None:
+    """The training loss of every step that reports one (LoRA), per training step."""
+    curves = [(r["step"], r["losses"]) for r in reports if r.get("losses")]
+    if not curves:
+        return None
+    fig = go.Figure(
+        [
+            go.Scatter(x=list(range(1, len(losses) + 1)), y=losses, mode="lines+markers", name=name)
+            for name, losses in curves
+        ]
+    )
+    fig.update_layout(
+        height=300,
+        margin={"l": 10, "r": 10, "t": 30, "b": 10},
+        xaxis={"title": "training step"},
+        yaxis={"title": "loss (next-token cross-entropy)"},
+        legend={"orientation": "h", "y": 1.1, "x": 1, "xanchor": "right"},
+    )
+    return fig
+
+
+def run_recovery(session: SessionState, chosen: list[str] | None, request: gr.Request, *values):
+    """Recover the plan's selection with the chosen steps and measure dense, pruned, recovered.
+
+    (``request`` comes before the form's values: Gradio passes it only as a positional argument.)
+    """
+    loaded = SHARED.get(session.model_key)
+    try:
+        steps = recipe(chosen, values, session.plan.recovery)
+        if not steps:
+            raise PlanError("No recovery step is chosen. Choose at least one from the list.")
+        session.plan.recovery = steps
+        selection = resolve(loaded, session.plan, lambda *_: None)
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    known, made_for = session.known_pruned_ppl(), session.recovery_key()
+
+    def work(emit):
+        dense, pruned = perplexities(loaded, selection, lambda item: emit(measuring(item)), known)
+        return dense, pruned, recover(loaded, selection, steps, emit, made_for)
+
+    yield session, status("Starting…"), "", "", "", None, None
+    skip = (gr.skip(),) * 5
+    try:
+        for kind, value in streamed(work, getattr(request, "session_hash", None)):
+            if kind == "item":
+                yield session, status(value), *skip
+                continue
+            dense, pruned, done = value
+            session.pruned_ppl, session.preview_plan = pruned, session.pruning_json()
+            session.recovered = done
+            change = done.perplexity / pruned - 1 if pruned else math.nan
+            message = status(
+                f"Done on {loaded.explorer.evaluation.shape[0]} windows: pruned {pruned:.3f} → "
+                f"recovered {done.perplexity:.3f} ({change:+.1%}); dense {dense:.3f}.",
+                "ok",
+            )
+            figure = loss_figure(done.reports)
+            yield (
+                session,
+                message,
+                shown(dense),
+                shown(pruned),
+                shown(done.perplexity),
+                done.reports,
+                figure,
+            )
+            return
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    yield session, stopped(), *skip
+
+
+def wire(panel: RecoverPanel, session: gr.State, plan_events: list, plan_save) -> None:
+    """Connect the form; ``plan_events`` (a loaded or changed plan) redraw it from the plan."""
+    groups = list(panel.groups.values())
+    for control in panel.form:
+        control.input(
+            set_recovery,
+            [session, *panel.form],
+            [plan_save, panel.status, *groups],
+            trigger_mode="always_last",
+            show_progress="hidden",
+            **api(None),
+        )
+    for event in plan_events:
+        event.success(
+            show,
+            [session],
+            [*panel.form, *groups, panel.status],
+            show_progress="hidden",
+            **api(None),
+        )
+    outputs = [
+        session,
+        panel.status,
+        panel.dense,
+        panel.pruned,
+        panel.recovered,
+        panel.reports,
+        panel.losses,
+    ]
+    run = panel.run.click(
+        run_recovery,
+        [session, *panel.form],
+        outputs,
+        show_progress_on=[panel.status],
+        **api("recover"),
+    )
+    panel.stop.click(stop_runs, None, None, cancels=[run], queue=False, **api(None)).then(
+        stopped, None, panel.status, **api(None)
+    )
