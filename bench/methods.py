@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -37,9 +37,19 @@ from explorer.surgeon import surgeon_prune
 CALIBRATION = "lee_background (first 9/10)"
 ROWS = [
     f"{key}:{recovery}"
-    for key in ("best", "taylor_e1", "wanda_sp", "flap", "depth2", "surgeon", "surgeon_mlp")
+    for key in (
+        "best",
+        "taylor_e1",
+        "wanda_sp",
+        "flap",
+        "depth2",
+        "surgeon",
+        "surgeon_mlp",
+        "obs",
+        "surgeon_greedy",
+    )
     for recovery in ("none", "layerwise", "lora")
-] + ["dense:lora", "half:none", "half:layerwise"]
+] + ["dense:lora", "half:none", "half:layerwise", "greedy_half:none", "greedy_half:layerwise"]
 PROMPT = "Write a short news report about a bushfire threatening homes near Sydney."
 
 
@@ -53,6 +63,7 @@ class Method:
     own_steps: list[dict] = field(default_factory=list)  # e.g. FLAP's bias compensation
     small_calibration: bool = False  # LLM-Pruner's 10 x 64 windows
     shots: int = 0  # > 0: LLM Surgeon multi-shot with its weight updates
+    surgeon_windows: bool = True  # multi-shot on --surgeon-windows windows only (else all)
 
 
 @dataclass
@@ -86,8 +97,9 @@ class Bench:
                 ex.model,
                 ex.structure,
                 scores_to_sel,
-                ex.calibration[: self.args.surgeon_windows],
+                self.shot_windows(m, ex),
                 shots=m.shots,
+                criterion=m.plan.criterion,
                 batch_size=4,
             )
         else:
@@ -116,10 +128,14 @@ class Bench:
         self.write()
         return ppl
 
+    def shot_windows(self, m: Method, ex: Explorer) -> torch.Tensor:
+        return ex.calibration[: self.args.surgeon_windows] if m.surgeon_windows else ex.calibration
+
     def calib_label(self, m: Method) -> str:
-        c = (self.small if m.small_calibration else self.ex).calibration
+        ex = self.small if m.small_calibration else self.ex
+        c = ex.calibration
         if m.shots:
-            c = c[: self.args.surgeon_windows]
+            c = self.shot_windows(m, ex)
         return f"{c.shape[0]} x {c.shape[1]}"
 
     def run_row(self, m: Method, recovery: str) -> None:
@@ -199,6 +215,7 @@ def methods(args, best_plan: Plan, best_label: str) -> list[Method]:
     p = dict(target=args.target)
     mlp_surgeon = copy.deepcopy(best_plan)
     mlp_surgeon.criterion = "surgeon"
+    greedy = greedy_plan(args, args.target)
     return [
         Method(
             "taylor_e1",
@@ -229,12 +246,35 @@ def methods(args, best_plan: Plan, best_label: str) -> list[Method]:
             mlp_surgeon,
             shots=args.shots,
         ),
+        *(
+            Method(
+                name,
+                f"{name} ({greedy.allocation}, MLP only, protect 1+1), {args.greedy_shots} shots",
+                replace(greedy, criterion=name),
+                shots=args.greedy_shots,
+                surgeon_windows=False,
+            )
+            for name in ("obs", "surgeon_greedy")
+        ),
         Method(
             "depth2",
             "depth2 (uniform, protect 4+2)",
             Plan(criterion="depth2", protect_first=4, protect_last=2, **p),
         ),
     ]
+
+
+def greedy_plan(args, target: float, criterion: str = "obs") -> Plan:
+    """The greedy OBS criteria's plan: MLP channels only, first and last layer whole."""
+    return Plan(
+        criterion=criterion,
+        target=target,
+        allocation=args.greedy_allocation,
+        head_ratio=0.0,
+        protect_first=1,
+        protect_last=1,
+        max_ratio=args.greedy_max_ratio,
+    )
 
 
 def candidates(target: float) -> dict[str, Plan]:
@@ -262,6 +302,10 @@ def main() -> None:
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--shots", type=int, default=2)
     parser.add_argument("--surgeon-windows", type=int, default=16)
+    parser.add_argument("--greedy-allocation", default="global", choices=("uniform", "global"))
+    parser.add_argument("--greedy-max-ratio", type=float, default=None)
+    parser.add_argument("--greedy-shots", type=int, default=1)
+    parser.add_argument("--greedy-half", default="obs", help="greedy criterion of the 50%% row")
     parser.add_argument("--best", default=None, help="a candidates() label: skip the selection")
     parser.add_argument("--rows", nargs="+", default=ROWS, help="method:recovery entries")
     parser.add_argument("--device", default=None)
@@ -302,10 +346,19 @@ def main() -> None:
     table["best"] = Method("best", f"best on held-out: {best_label}", best_plan)
     table["half"] = Method("half", f"{best_label} at 50%", half)
     table["dense"] = Method("dense", "dense", Plan(target=0.0))
+    greedy_half = greedy_plan(args, 0.5, args.greedy_half)
+    table["greedy_half"] = Method(
+        "greedy_half",
+        f"{args.greedy_half} ({greedy_half.allocation}, MLP only, protect 1+1), "
+        f"{args.greedy_shots} shots, 50%",
+        greedy_half,
+        shots=args.greedy_shots,
+        surgeon_windows=False,
+    )
     for entry in args.rows:
         key, recovery = entry.split(":")
         bench.run_row(table[key], recovery)
-        if key == "half":
+        if key in ("half", "greedy_half"):
             bench.sample(table[key], recovery)
 
 

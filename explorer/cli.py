@@ -56,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--protect-first", type=int, default=None)
     prune.add_argument("--protect-last", type=int, default=None)
     prune.add_argument("--round-to", type=int, default=None)
+    prune.add_argument(
+        "--max-ratio", type=float, default=None, help="global: most of one layer that may go"
+    )
     prune.add_argument("--calibration", default=None, help="builtin, generated, FILE, dataset:...")
     prune.add_argument("--evaluation", default=None, help="builtin, FILE, dataset:...")
     prune.add_argument("--calibration-windows", type=int, default=None)
@@ -101,6 +104,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "protect_first": getattr(args, "protect_first", None),
         "protect_last": getattr(args, "protect_last", None),
         "round_to": getattr(args, "round_to", None),
+        "max_ratio": getattr(args, "max_ratio", None),
         "calibration_windows": getattr(args, "calibration_windows", None),
         "calibration_length": getattr(args, "calibration_length", None),
     }

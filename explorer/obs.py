@@ -53,26 +53,34 @@ def greedy_order(
     w = weight.double().clone()
     a_inv = torch.linalg.inv(a.double())
     gw = w.clone() if g is None else g.double() @ w
-    units = w.shape[1] // block
-    alive = torch.ones(units, dtype=torch.bool, device=w.device)
     offsets = torch.arange(block, device=w.device)
+    ids = torch.arange(w.shape[1] // block, device=w.device)  # original index of each position
+    alive = torch.ones_like(ids, dtype=torch.bool)
     order: list[int] = []
-    score = torch.zeros(units, dtype=torch.float64, device=w.device)
+    score = torch.zeros(ids.numel(), dtype=torch.float64, device=w.device)
     total = 0.0
     while alive.any():
-        # A removed unit's columns of W and rows/columns of A⁻¹ are zero from then on.
+        if alive.sum() < 0.75 * alive.numel():
+            # Drop the removed units' (zero) columns now and then: the downdates shrink with the
+            # matrices, and the copies stay rare.
+            kept = (alive.nonzero()[:, :1] * block + offsets).flatten()
+            w, gw = w.index_select(1, kept), gw.index_select(1, kept)
+            a_inv = a_inv.index_select(0, kept).index_select(1, kept)
+            ids, alive = ids[alive], alive[alive]
         left = alive.nonzero()[:, 0]
         costs = block_costs(w, gw, a_inv, block, left)
-        chosen = left[costs.topk(min(per_step, left.numel()), largest=False).indices]
+        picked = costs.topk(min(per_step, left.numel()), largest=False).indices
+        chosen = left[picked]
         cols = (chosen[:, None] * block + offsets).flatten()
         a_c = a_inv.index_select(0, cols)
         m = a_c.index_select(1, cols)
         step = torch.linalg.solve(m, a_c)  # ([A⁻¹]_CC)⁻¹ (A⁻¹)_C,:
         w_c, gw_c = w.index_select(1, cols), gw.index_select(1, cols)
         joint = 0.5 * float((w_c * (gw_c @ torch.linalg.inv(m))).sum())
-        for u in chosen.tolist():  # within a step: cheapest first, never above the joint cost
-            score[u] = total + min(float(costs[(left == u).nonzero()[0, 0]]), joint)
-            order.append(u)
+        for p, u in zip(picked.tolist(), chosen.tolist(), strict=True):
+            # within a step: cheapest first, never above the joint cost of the step
+            score[ids[u]] = total + min(float(costs[p]), joint)
+            order.append(int(ids[u]))
         total += max(joint, 0.0)
         w.addmm_(w_c, step, alpha=-1)
         gw.addmm_(gw_c, step, alpha=-1)

@@ -37,7 +37,7 @@ from torch import nn
 
 from .criteria import require_stats as require
 from .families import get_module
-from .importance import Criterion, Needs, ScoreContext, Scores, register
+from .importance import Criterion, Needs, ScoreContext, Scores, get_criterion, register
 from .masking import masked
 from .pruning import prune_model
 from .recovery import RecoveryContext, RecoveryStep, register_step, removed_indices
@@ -248,6 +248,7 @@ def surgeon_prune(
     damping: float = 0.01,
     kinds: Sequence[Kind] = ("head", "kv", "mlp", "layer"),
     update_rows: bool = False,
+    criterion: str = "surgeon",
     batch_size: int = 1,
     progress: Progress | None = None,
 ) -> tuple[nn.Module, Selection]:
@@ -258,8 +259,10 @@ def surgeon_prune(
     −inf so that it keeps them. Shot t of T collects A and G on the partly pruned model (masked,
     with the weights updated so far), removes the cheapest units of the target until t/T of each
     kind and layer are gone, and applies the correlated update for everything removed so far.
-    ``shots=1`` is one-shot LLM Surgeon. ``update_rows``: see ``Curvature.apply``. ``model``
-    itself is left untouched.
+    ``shots=1`` is one-shot LLM Surgeon. ``update_rows``: see ``Curvature.apply``. ``criterion``
+    scores each shot (a registered name: ``surgeon``'s costs, or e.g. the greedy ``obs``, whose
+    order matches the column update; ``damping`` applies to the update). ``model`` itself is left
+    untouched.
     """
     if shots < 1:
         raise ValueError("shots must be at least 1")
@@ -268,7 +271,9 @@ def surgeon_prune(
     current = Selection()
     # One shot to a known selection needs no costs: only the factors its updates read.
     one_shot = shots == 1 and isinstance(target, Selection)
-    needs = SURGEON_NEEDS if update_rows or not one_shot else UPDATE_NEEDS
+    scorer = get_criterion(criterion)
+    needs = UPDATE_NEEDS | (SURGEON_NEEDS if update_rows else Needs())
+    needs = needs if one_shot else needs | scorer.needs
     for shot in range(1, shots + 1):
 
         def report(fraction: float, message: str, shot: int = shot) -> None:
@@ -282,9 +287,9 @@ def surgeon_prune(
         curvature = Curvature(work, s, stats, damping)
         if isinstance(target, Selection):
             goal = target
-            scores = {} if one_shot else curvature.scores(_kinds_of(target), torch.device("cpu"))
+            scores = {} if one_shot else _scores(scorer, work, s, stats, _kinds_of(target))
         else:
-            scores = _mark_removed(curvature.scores(kinds, torch.device("cpu")), s, current)
+            scores = _mark_removed(_scores(scorer, work, s, stats, kinds), s, current)
             goal = target(scores)
             if not _contains(goal, current):
                 raise ValueError("the resolver dropped units an earlier shot removed")
@@ -293,6 +298,11 @@ def surgeon_prune(
         current = chosen
         report(1.0, f"{_count(current)} units removed, weights updated")
     return prune_model(work, s, current, inplace=True), current
+
+
+def _scores(scorer: Criterion, model, s: StructureMap, stats, kinds: Sequence[Kind]) -> Scores:
+    ctx = ScoreContext(model, s, stats, kinds=tuple(kinds))
+    return {kind: v.cpu() for kind, v in scorer.score(ctx).items()}
 
 
 def _count(selection: Selection) -> int:

@@ -112,3 +112,22 @@ def test_one_shot_update_to_the_greedy_prefix_equals_the_greedy_weights(llama_st
     got = pruned.get_submodule(path).weight.double()
     torch.testing.assert_close(got, expected[:, kept], rtol=1e-4, atol=1e-6)
     assert isinstance(final, Selection)
+
+
+def test_multi_shot_with_the_greedy_order_reaches_the_plan():
+    model, s = tiny("llama")
+    plan = Plan(criterion="obs", target=0.2, allocation="global", head_ratio=0.0)
+    messages = []
+    pruned, final = surgeon_prune(
+        model,
+        s,
+        lambda scores: resolve(plan, s, scores),
+        tokens(6, 12, seed=1),
+        shots=2,
+        criterion="obs",
+        progress=lambda f, m: messages.append(m),
+    )
+    assert not final.heads and final.mlp
+    removed = sum(len(v) for v in final.mlp.values()) * s.group_params("mlp")
+    assert 0.2 * s.block_params <= removed < 0.2 * s.block_params + s.group_params("mlp")
+    assert "shot 2/2" in messages[-1]

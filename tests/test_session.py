@@ -161,3 +161,18 @@ def test_cli_recovers_and_exports(tiny_llama_dir, texts, tmp_path, capsys):
     # The saved plan replays through the export command.
     replay = ["export", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "again")]
     assert main([*replay, "--eval-length", "16"]) == 0
+
+
+def test_cli_runs_the_greedy_obs_plan_with_its_update(tiny_llama_dir, texts, tmp_path, capsys):
+    """The best setting of bench/methods.py, from the command line: MLP only, global, capped."""
+    calib, evaluation = texts
+    argv = ["prune", "--model", str(tiny_llama_dir), "--criterion", "obs", "--target", "0.2"]
+    argv += ["--allocation", "global", "--head-ratio", "0", "--max-ratio", "0.5"]
+    argv += ["--calibration", str(calib), "--evaluation", str(evaluation), "--recovery", "surgeon"]
+    argv += ["--eval-length", "16", "--calibration-length", "16"]
+    assert main([*argv, "--save-plan", str(tmp_path / "plan.json")]) == 0
+    text = capsys.readouterr().out
+    recovered = float(text.split("after recovery (surgeon): perplexity ")[1].split()[0])
+    assert math.isfinite(recovered)  # the update's benefit is tested in test_surgeon.py
+    plan = Plan.load(tmp_path / "plan.json")
+    assert (plan.max_ratio, plan.head_ratio, plan.allocation) == (0.5, 0.0, "global")
