@@ -47,7 +47,7 @@ from torch import nn
 from . import masking
 from .errors import ExportError
 from .families import Family, get_module
-from .loading import DTYPES
+from .loading import resolve_dtype
 from .pruned_modeling import PRUNED_CLASSES
 from .pruning import prune_model
 from .selection import Selection
@@ -193,7 +193,7 @@ def load_pruned(
             "Give the folder that export wrote."
         )
     config = AutoConfig.from_pretrained(folder)
-    kwargs = {} if dtype is None else {"dtype": _torch_dtype(dtype)}
+    kwargs = {} if dtype is None else {"dtype": resolve_dtype(dtype, ExportError)}
     if getattr(config, "layer_sizes", None) or getattr(config, "extra_biases", None):
         if config.model_type not in PRUNED_CLASSES:
             raise ExportError(
@@ -417,14 +417,6 @@ def _tolerance(dtype: torch.dtype) -> float:
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     p = next(model.parameters())
     return p.device, p.dtype
-
-
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise ExportError(f"Unknown dtype '{dtype}'. Use one of: float32, bfloat16, float16.")
-    return DTYPES[dtype]
 
 
 # -- the report ---------------------------------------------------------------------------------------

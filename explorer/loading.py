@@ -154,7 +154,7 @@ def load_model(
     The model comes back in eval mode on ``device`` (CUDA when available, else CPU) with a pad
     token on its tokenizer, and its family already checked against its live module shapes.
     """
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with _reporter(progress) as report:
         path = Path(source).expanduser()
@@ -377,15 +377,15 @@ def _require_causal_lm(config, source: str) -> None:
         )
 
 
-def _torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(
+    dtype: str | torch.dtype, error: type[ExplorerError] = ExplorerError
+) -> torch.dtype:
+    """``dtype`` as a torch dtype; an unknown name raises ``error`` (the caller's kind)."""
     if isinstance(dtype, torch.dtype):
         return dtype
-    try:
-        return DTYPES[dtype]
-    except KeyError:
-        raise ExplorerError(
-            f"Unknown dtype '{dtype}'. Use one of: float32, bfloat16, float16."
-        ) from None
+    if dtype not in DTYPES:
+        raise error(f"Unknown dtype '{dtype}'. Use one of: float32, bfloat16, float16.")
+    return DTYPES[dtype]
 
 
 def _looks_like_path(source: str) -> bool:

@@ -25,7 +25,7 @@ from torch import nn
 from .errors import ExplorerError, PlanError
 from .families import family_for, get_module
 from .importance import Needs, ScoreContext, Scores, get_criterion
-from .loading import _torch_dtype
+from .loading import resolve_dtype
 from .statistics import Statistics, collect_statistics
 from .structure import StructureMap
 
@@ -112,7 +112,7 @@ def load_offloaded(
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch_dtype = _torch_dtype(dtype)
+    torch_dtype = resolve_dtype(dtype)
     target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if target.type == "cuda" and target.index is None:
         target = torch.device("cuda", torch.cuda.current_device())
