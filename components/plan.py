@@ -45,6 +45,7 @@ class PlanPanel:
     protect_first: gr.Number
     protect_last: gr.Number
     round_to: gr.Dropdown
+    keep_heads: gr.Checkbox
     table: gr.Dataframe
     counters: gr.HTML
     status: gr.HTML
@@ -63,6 +64,7 @@ class PlanPanel:
             self.protect_first,
             self.protect_last,
             self.round_to,
+            self.keep_heads,
             self.table,
         ]
 
@@ -110,6 +112,12 @@ def build() -> PlanPanel:
         protect_last = gr.Number(
             plan.protect_last, precision=0, minimum=0, label="Protect the last N layers"
         )
+        keep_heads = gr.Checkbox(
+            value=plan.head_ratio == 0,
+            label="Keep every attention head (cut MLP channels only)",
+            info="uniform and global allocations; on small GQA models heads cost the most",
+            elem_id="plan-keep-heads",
+        )
     counters = gr.HTML(elem_id="plan-counters")
     plan_status = gr.HTML(elem_id="plan-status")
     table = gr.Dataframe(
@@ -135,6 +143,7 @@ def build() -> PlanPanel:
         protect_first,
         protect_last,
         round_to,
+        keep_heads,
         table,
         counters,
         plan_status,
@@ -208,6 +217,7 @@ def plan_from_controls(
     protect_first: float | None,
     protect_last: float | None,
     round_to: int,
+    keep_heads: bool,
     table,
 ) -> Plan:
     """The session's plan with the panel's values; table ratios count only for per_layer."""
@@ -223,7 +233,7 @@ def plan_from_controls(
         protect_last=int(protect_last or 0),
         round_to=int(round_to),
         remove_layers=[i for i, r in enumerate(removed) if r],
-        head_ratio=None,
+        head_ratio=0.0 if keep_heads and allocation != "per_layer" else None,
         mlp_ratio=None,
         head_ratios=_column(table, 1, float) if allocation == "per_layer" else None,
         mlp_ratios=_column(table, 2, float) if allocation == "per_layer" else None,
@@ -267,6 +277,7 @@ def render(session: SessionState, selection: Selection | None, error: str | None
         plan.protect_first,
         plan.protect_last,
         plan.round_to,
+        plan.head_ratio == 0,
         table_rows(loaded, plan, selection),
         counters,
         message,
@@ -322,6 +333,7 @@ def apply(
     protect_first: float | None,
     protect_last: float | None,
     round_to: int,
+    keep_heads: bool,
     table,
     progress=TRACK,
 ):
@@ -330,7 +342,7 @@ def apply(
     controls = (allocation, criterion, reduction, target, attention_unit)
     try:
         session.plan = plan_from_controls(
-            session.plan, *controls, protect_first, protect_last, round_to, table
+            session.plan, *controls, protect_first, protect_last, round_to, keep_heads, table
         )
         session.plan.check(loaded.structure.num_layers)
     except PlanError as exc:
@@ -348,6 +360,7 @@ def edit_table(
     protect_first: float | None,
     protect_last: float | None,
     round_to: int,
+    keep_heads: bool,
     table,
     progress=TRACK,
 ):
@@ -371,6 +384,7 @@ def edit_table(
         protect_first,
         protect_last,
         round_to,
+        keep_heads,
         table,
         progress,
     )

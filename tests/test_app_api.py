@@ -28,8 +28,8 @@ pytest_plugins = ["tests.app_fixtures"]
 
 BUILTIN = ("builtin", None, "", 8)  # calibration kind, file, dataset, generated samples
 # Outputs of every plan endpoint, after the session state: the controls, then these.
-TABLE, COUNTERS, STATUS, INFO, PLAN_FILE = 8, 9, 10, 11, 12
-CONTROLS = ("uniform", "taylor", "sum", 0.2, "head", 0, 0, 1)
+KEEP_HEADS, TABLE, COUNTERS, STATUS, INFO, PLAN_FILE = 8, 9, 10, 11, 12, 13
+CONTROLS = ("uniform", "taylor", "sum", 0.2, "head", 0, 0, 1, False)
 
 
 def load(client, source: str = "smollm2-135m"):
@@ -44,7 +44,7 @@ def edit_layer(client, shown, layer: int, column: int, value: float):
     """Change one cell of the per-layer table, as a person editing the table does."""
     table = plan_table(shown)
     table["data"][layer][column] = value
-    controls = [shown[i] for i in range(8)]
+    controls = [shown[i] for i in range(9)]
     return client.predict(*controls, table, api_name="/edit_table")
 
 
@@ -134,6 +134,21 @@ def test_one_layer_ratio_changes_counters_and_pruned_perplexity(client):
     after = preview(client)[-1]
     assert float(after[0]) == pytest.approx(dense)
     assert float(after[1]) != pytest.approx(pruned_before)
+
+
+@pytest.mark.real
+def test_keeping_every_head_cuts_mlp_channels_only(client):
+    table = plan_table(client.predict(api_name="/show_plan"))
+    for allocation in ("uniform", "global"):
+        controls = (allocation, "wanda_sp", "sum", 0.2, "head", 1, 1, 1, True)
+        shown = client.predict(*controls, table, api_name="/set_plan")
+        info = shown[INFO]
+        assert shown[KEEP_HEADS] is True and info["plan"]["head_ratio"] == 0.0
+        assert all(layer["heads"] == 9 for layer in info["kept"])
+        assert "0 of 270 query heads" in shown[COUNTERS]
+        assert info["sizes"]["block_params_after"] <= 0.8 * info["sizes"]["block_params_before"]
+    shown = client.predict(*CONTROLS, table, api_name="/set_plan")
+    assert shown[KEEP_HEADS] is False and shown[INFO]["plan"]["head_ratio"] is None
 
 
 @pytest.mark.real
@@ -337,7 +352,7 @@ def test_two_sessions_at_once_keep_their_own_plans_and_results(client_factory):
     shown_a = edit_layer(a, a.predict(api_name="/show_plan"), 5, 1, 2 / 3)
     table_b = plan_table(b.predict(api_name="/show_plan"))
     shown_b = b.predict(
-        "global", "taylor", "sum", 0.3, "head", 0, 0, 1, table_b, api_name="/set_plan"
+        "global", "taylor", "sum", 0.3, "head", 0, 0, 1, False, table_b, api_name="/set_plan"
     )
     assert shown_a[INFO]["plan"]["allocation"] == "per_layer"
     assert shown_b[INFO]["plan"]["allocation"] == "global"
