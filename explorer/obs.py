@@ -50,9 +50,16 @@ def greedy_order(
     taken per downdate (1: exact greedy; more: fewer downdates on wide modules). Returns
     (unit indices in removal order, cost per unit index), the costs non-decreasing along the order.
     """
-    w = weight.double().clone()
+    out = weight.shape[0]
+    w = weight.double()
+    # W, and below it G W when G is given: one matrix, so one downdate moves both (with G = I,
+    # G W is W itself and is not kept twice).
+    both = w.clone() if g is None else torch.cat([w, g.double() @ w])
+
+    def split(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return m[:out], (m if g is None else m[out:])
+
     a_inv = torch.linalg.inv(a.double())
-    gw = w.clone() if g is None else g.double() @ w
     offsets = torch.arange(block, device=w.device)
     ids = torch.arange(w.shape[1] // block, device=w.device)  # original index of each position
     alive = torch.ones_like(ids, dtype=torch.bool)
@@ -64,26 +71,26 @@ def greedy_order(
             # Drop the removed units' (zero) columns now and then: the downdates shrink with the
             # matrices, and the copies stay rare.
             kept = (alive.nonzero()[:, :1] * block + offsets).flatten()
-            w, gw = w.index_select(1, kept), gw.index_select(1, kept)
+            both = both.index_select(1, kept)
             a_inv = a_inv.index_select(0, kept).index_select(1, kept)
             ids, alive = ids[alive], alive[alive]
         left = alive.nonzero()[:, 0]
-        costs = block_costs(w, gw, a_inv, block, left)
+        costs = block_costs(*split(both), a_inv, block, left)
         picked = costs.topk(min(per_step, left.numel()), largest=False).indices
         chosen = left[picked]
         cols = (chosen[:, None] * block + offsets).flatten()
         a_c = a_inv.index_select(0, cols)
         m = a_c.index_select(1, cols)
         step = torch.linalg.solve(m, a_c)  # ([A⁻¹]_CC)⁻¹ (A⁻¹)_C,:
-        w_c, gw_c = w.index_select(1, cols), gw.index_select(1, cols)
+        both_c = both.index_select(1, cols)
+        w_c, gw_c = split(both_c)
         joint = 0.5 * float((w_c * (gw_c @ torch.linalg.inv(m))).sum())
         for p, u in zip(picked.tolist(), chosen.tolist(), strict=True):
             # within a step: cheapest first, never above the joint cost of the step
             score[ids[u]] = total + min(float(costs[p]), joint)
             order.append(int(ids[u]))
         total += max(joint, 0.0)
-        w.addmm_(w_c, step, alpha=-1)
-        gw.addmm_(gw_c, step, alpha=-1)
+        both.addmm_(both_c, step, alpha=-1)
         a_inv.addmm_(a_c.T, step, alpha=-1)
         alive[chosen] = False
     return order, score

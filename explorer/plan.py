@@ -266,15 +266,15 @@ def _resolve_global(plan: Plan, s: StructureMap, scores: Scores):
     ranking gut one), and ``head_ratio`` 0 keeps every head.
     """
     cap = 1.0 if plan.max_ratio is None else plan.max_ratio
+    cut_heads = plan.head_ratio != 0
     candidates: list[tuple[float, int, str, list[int]]] = []
     for layer in pruned_layers(plan, s):
-        heads = plan.head_ratio != 0
-        if heads and plan.attention_unit == "kv":
+        if cut_heads and plan.attention_unit == "kv":
             per = s.group_params("kv")
             most = min(s.kv_heads - 1, math.floor(cap * s.kv_heads))
             for g in _argsort(scores["kv"][layer])[:most]:
                 candidates.append((float(scores["kv"][layer][g]) / per, layer, "kv", [g]))
-        elif heads:
+        elif cut_heads:
             previous: list[int] = []
             for k in range(1, min(s.group_size - 1, math.floor(cap * s.group_size)) + 1):
                 heads = _heads_evenly(scores, s, layer, k)
