@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -53,6 +53,8 @@ class Plan:
     round_to: int = 1  # kept MLP channels rounded up to a multiple of this
     max_ratio: float | None = None  # global: at most this share of any layer's heads / channels
     remove_layers: list[int] = field(default_factory=list)
+    depth: int = 0  # whole layers removed by lowest layer score, besides remove_layers
+    depth_criterion: str | None = None  # scores those layers (None: the plan's criterion)
     hidden_ratio: float = 0.0
     calibration: dict = field(default_factory=lambda: {"kind": "builtin"})
     evaluation: dict = field(default_factory=lambda: {"kind": "builtin"})
@@ -91,6 +93,13 @@ class Plan:
             raise PlanError("A per_layer plan needs head_ratios and/or mlp_ratios.")
         if self.allocation == "global" and self.target is None:
             raise PlanError("A global plan needs a target share of parameters to remove.")
+        if self.depth_criterion is not None and self.depth_criterion not in criterion_names():
+            raise PlanError(
+                f"Unknown depth criterion '{self.depth_criterion}'. "
+                f"Choose one of: {', '.join(criterion_names())}."
+            )
+        if not isinstance(self.depth, int) or self.depth < 0:
+            raise PlanError("depth (whole layers to remove) must be zero or a positive number.")
         if self.round_to < 1:
             raise PlanError("round_to must be a positive whole number (1, 8, 32, 64).")
         if self.protect_first < 0 or self.protect_last < 0:
@@ -155,13 +164,26 @@ def pruned_layers(plan: Plan, s: StructureMap) -> list[int]:
 
 
 def resolve(plan: Plan, s: StructureMap, scores: Scores) -> Selection:
-    """Which units go under ``plan``, given importance ``scores`` (lowest go first)."""
+    """Which units go under ``plan``, given importance ``scores`` (lowest go first).
+
+    ``depth`` whole layers go first (the lowest ``scores["layer"]`` among the unprotected layers);
+    the width cuts then remove what is left of ``target`` from the layers that remain. A criterion
+    that scores whole layers only (Block Influence) meets ``target`` with whole layers.
+    """
     plan.check(s.num_layers)
-    layers = sorted(set(plan.remove_layers))
+    ratios = (plan.head_ratio, plan.mlp_ratio, plan.head_ratios, plan.mlp_ratios)
+    layer_only = "layer" in scores and "mlp" not in scores and not any(ratios)
+    if layer_only and not plan.depth and plan.target:
+        n = round(plan.target * s.num_layers) - len(set(plan.remove_layers))
+        plan = replace(plan, depth=min(max(n, 0), len(pruned_layers(plan, s))))
+    plan = replace(plan, remove_layers=depth_layers(plan, s, scores), depth=0)
+    layers = plan.remove_layers
     # transformers requires hidden_size to stay a multiple of the head count: keep rounded up.
     n_hidden = _removal_count(plan.hidden_ratio * s.hidden, s.hidden, s.heads)
     hidden = _lowest(scores, "hidden", n_hidden) if n_hidden else []
-    if plan.allocation == "global":
+    if layer_only:
+        heads, kv, mlp = {}, {}, {}
+    elif plan.allocation == "global":
         heads, kv, mlp = _resolve_global(plan, s, scores)
     else:
         heads, kv, mlp = {}, {}, {}
@@ -174,6 +196,22 @@ def resolve(plan: Plan, s: StructureMap, scores: Scores) -> Selection:
     return Selection.make(s, heads=heads, kv=kv, mlp=mlp, hidden=hidden, layers=layers)
 
 
+def depth_layers(plan: Plan, s: StructureMap, scores: Scores) -> list[int]:
+    """``remove_layers`` plus the ``depth`` lowest-scoring layers a uniform/global plan may cut."""
+    if not plan.depth:
+        return sorted(set(plan.remove_layers))
+    if "layer" not in scores:
+        raise PlanError("The depth criterion does not score whole layers. Pick another one.")
+    candidates = pruned_layers(plan, s)
+    if plan.depth > len(candidates):
+        raise PlanError(
+            f"depth {plan.depth} asks for more layers than the {len(candidates)} unprotected ones. "
+            "Lower depth or protect fewer layers."
+        )
+    chosen = [candidates[i] for i in _argsort(scores["layer"][candidates])[: plan.depth]]
+    return sorted(set(plan.remove_layers) | set(chosen))
+
+
 def _layer_ratios(plan: Plan, s: StructureMap) -> list[tuple[int, float, float]]:
     if plan.allocation == "per_layer":
         n = s.num_layers
@@ -183,8 +221,9 @@ def _layer_ratios(plan: Plan, s: StructureMap) -> list[tuple[int, float, float]]
     layers = pruned_layers(plan, s)
     if plan.head_ratio is not None or plan.mlp_ratio is not None:
         return [(i, plan.head_ratio or 0.0, plan.mlp_ratio or 0.0) for i in layers]
-    # Spread the target over the unprotected layers: each of them loses more.
-    share = (plan.target or 0.0) * s.num_layers / max(len(layers), 1)
+    # Spread what removed layers leave of the target over the unprotected layers.
+    share = max((plan.target or 0.0) * s.num_layers - len(plan.remove_layers), 0.0)
+    share /= max(len(layers), 1)
     if share > 1.0:
         raise PlanError(
             f"Removing {plan.target:.0%} of the block parameters from only {len(layers)} "
@@ -288,7 +327,9 @@ def _resolve_global(plan: Plan, s: StructureMap, scores: Scores):
             candidates.append((float(scores["mlp"][layer][c]) / per, layer, "mlp", [c]))
     candidates.sort(key=lambda c: c[0])
     budget = (plan.target or 0.0) * s.block_params
-    removed = 0
+    removed = (
+        s.block_params - param_counts(s, Selection.make(s, layers=plan.remove_layers))["blocks"]
+    )
     taken: dict[str, dict[int, list[int]]] = {"head": {}, "kv": {}, "mlp": {}}
     for _, layer, kind, units in candidates:
         if removed >= budget:

@@ -117,6 +117,9 @@ class Explorer:
         """The selection ``plan`` gives on this model."""
         plan.check(self.structure.num_layers)
         scores = self.scores(plan.criterion, plan.reduction, progress, hidden=plan.hidden_ratio > 0)
+        if plan.depth and plan.depth_criterion not in (None, plan.criterion):
+            depth_scores = self.scores(plan.depth_criterion, plan.reduction, progress)
+            scores = {**scores, "layer": depth_scores["layer"]}
         return resolve(plan, self.structure, scores)
 
     # -- preview ------------------------------------------------------------------------------------

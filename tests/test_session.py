@@ -99,7 +99,8 @@ def test_plans_cutting_hidden_channels_resolve_with_every_criterion(tiny_llama_d
         plan = Plan(criterion=criterion, target=None, head_ratio=0.0, mlp_ratio=0.0)
         assert not ex.resolve(plan).hidden
         plan.hidden_ratio = 0.25
-        if criterion in ("flap", "obs", "surgeon_greedy"):  # defined on module inputs only
+        # defined on module inputs, or on whole layers only
+        if criterion in ("flap", "obs", "surgeon_greedy", "block_influence"):
             with pytest.raises(PlanError, match="hidden"):
                 ex.resolve(plan)
             continue
