@@ -225,7 +225,7 @@ def recover(
 
 
 def loss_figure(reports: list[dict]) -> go.Figure | None:
-    """The training loss of every step that reports one (LoRA), per training step."""
+    """The training loss of every step that reports one (LoRA, distillation), per training step."""
     curves = [(r["step"], r["losses"]) for r in reports if r.get("losses")]
     if not curves:
         return None
@@ -239,7 +239,7 @@ def loss_figure(reports: list[dict]) -> go.Figure | None:
         height=300,
         margin={"l": 10, "r": 10, "t": 30, "b": 10},
         xaxis={"title": "training step"},
-        yaxis={"title": "loss (next-token cross-entropy)"},
+        yaxis={"title": "loss (lora: next-token cross-entropy; distill: KL to the dense model)"},
         legend={"orientation": "h", "y": 1.1, "x": 1, "xanchor": "right"},
     )
     return fig

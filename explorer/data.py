@@ -217,8 +217,30 @@ def self_generated_text(
     bos = [tokenizer.bos_token_id] if _adds_bos(tokenizer) else []
     prompts = [NEUTRAL_PROMPTS[i % len(NEUTRAL_PROMPTS)] for i in range(n_samples)]
     starts = [bos + tokenizer(p, add_special_tokens=False).input_ids[:1] for p in prompts]
-    ids = torch.tensor(starts, device=device)
-    generator = torch.Generator(device=device).manual_seed(seed)
+    ids = sample_tokens(model, torch.tensor(starts, device=device), length, seed, progress)
+    samples = []
+    for row in ids.tolist():
+        row = row[len(bos) :]
+        if tokenizer.eos_token_id in row:
+            row = row[: row.index(tokenizer.eos_token_id)]
+        samples.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return "\n\n".join(s for s in samples if s)
+
+
+@torch.inference_mode()
+def sample_tokens(
+    model,
+    ids: torch.Tensor,
+    length: int,
+    seed: int = 0,
+    progress: Callable[[float, str], None] | None = None,
+) -> torch.Tensor:
+    """``ids`` (batch, prompt) followed by ``length`` tokens sampled from the model's top 50.
+
+    Seeded, so the same model, prompts and seed give the same tokens (as inference tensors:
+    ``clone()`` them outside inference mode before training on them).
+    """
+    generator = torch.Generator(device=ids.device).manual_seed(seed)
     out = model(input_ids=ids, use_cache=True)
     for step in range(length):
         top = out.logits[:, -1, :].float().topk(min(TOP_K, out.logits.shape[-1]), dim=-1)
@@ -228,14 +250,8 @@ def self_generated_text(
         if step + 1 < length:
             out = model(input_ids=token, past_key_values=out.past_key_values, use_cache=True)
         if progress is not None:
-            progress((step + 1) / length, f"Generating calibration text ({step + 1}/{length})")
-    samples = []
-    for row in ids.tolist():
-        row = row[len(bos) :]
-        if tokenizer.eos_token_id in row:
-            row = row[: row.index(tokenizer.eos_token_id)]
-        samples.append(tokenizer.decode(row, skip_special_tokens=True).strip())
-    return "\n\n".join(s for s in samples if s)
+            progress((step + 1) / length, f"Generating text ({step + 1}/{length})")
+    return ids
 
 
 def token_windows(
