@@ -146,7 +146,7 @@ def criterion_names() -> list[str]:
 
 def _load_builtin() -> None:
     """Import the modules that register criteria (they import this module, so lazily)."""
-    from . import criteria, depth, distill, distribution_aware, flap, obs, surgeon  # noqa: F401
+    from . import criteria, depth, distill, distribution_aware, flap, obs, robust_refit, surgeon  # noqa: F401
 
 
 # -- from per-weight scores to per-group scores ------------------------------------------------------

@@ -294,6 +294,7 @@ def layerwise_least_squares(
     shrink_to_current: bool = True,
     batch_size: int = 4,
     progress: Progress | None = None,
+    accumulator: Callable[..., GramAccumulator] = GramAccumulator,
 ) -> dict[str, tuple[float, float]]:
     """Refit the ``modules`` (roles) of every kept layer of ``pruned_model`` in place.
 
@@ -304,7 +305,8 @@ def layerwise_least_squares(
     The damping pulls towards the pruned module's current weights (``shrink_to_current``) or,
     as in the paper's formula, towards zero (see ``damped_solve``). Returns ``{pruned module
     path: (relative error before, after)}``, the error being ‖W X̂ + b − Y‖² / ‖Y‖² on the
-    calibration tokens.
+    calibration tokens. ``accumulator`` builds each module's least-squares system (a subclass
+    may weight tokens or constrain some, see ``explorer.robust_refit``).
     """
     s = structure
     kept_layers = selection.kept_layers(s)
@@ -330,7 +332,14 @@ def layerwise_least_squares(
             p_layer = pruned_layers[index]
             for stage in stages:
                 fits = _refit_stage(
-                    p_layer, stage, pruned_h, layer_calls, targets, damping, shrink_to_current
+                    p_layer,
+                    stage,
+                    pruned_h,
+                    layer_calls,
+                    targets,
+                    damping,
+                    shrink_to_current,
+                    accumulator,
                 )
                 report.update({f"{s.path(index, n)}": e for n, e in fits.items()})
             pruned_h = [
@@ -368,7 +377,7 @@ def _dense_targets(s, selection, layer, d_layer, stages, dense_h, calls) -> dict
 
 
 def _refit_stage(
-    p_layer, stage, pruned_h, calls, targets, damping, shrink_to_current
+    p_layer, stage, pruned_h, calls, targets, damping, shrink_to_current, accumulator
 ) -> dict[str, tuple[float, float]]:
     """Refit the modules of one stage (one shared input) of a pruned layer; errors before/after."""
     first = p_layer.get_submodule(stage[0])
@@ -381,7 +390,7 @@ def _refit_stage(
     accumulators = {}
     for name in stage:
         module = p_layer.get_submodule(name)
-        accumulators[name] = GramAccumulator(
+        accumulators[name] = accumulator(
             module.in_features,
             module.out_features,
             bias=module.bias is not None,
@@ -495,6 +504,11 @@ def _layerwise_step(
         shrink_to_current=shrink_to_current,
         progress=ctx.progress,
     )
+    return error_summary(errors)
+
+
+def error_summary(errors: dict[str, tuple[float, float]]) -> dict:
+    """A refit's report: how many modules, and their mean relative error before and after."""
     before = [b for b, _ in errors.values()]
     after = [a for _, a in errors.values()]
     return {
