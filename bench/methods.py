@@ -7,7 +7,12 @@ calibration windows (many more than LLM-Pruner's 10 x 64: a 1,536-wide input cov
 more than a thousand tokens). The in-project baseline (Taylor E1) keeps LLM-Pruner's own 10 x 64
 windows and allocation. Every row is appended to the markdown as soon as it is measured.
 
+Issue 11 adds an off-domain column (Wikipedia lead paragraphs, ``builtin_text("offdomain")``,
+never used for calibration or recovery), depth plans (Block Influence, depth + width mixes) and
+the recovery steps ``distill``, ``linear_replace`` and ``layerwise_robust``; ``+`` chains steps.
+
     ./run python bench/methods.py [--windows 32] [--length 256] [--lora-steps 20] [--shots 2]
+    ./run python bench/methods.py --best "depth2, MLP only, protect 1+1" --rows best:distill
 """
 
 from __future__ import annotations
@@ -50,6 +55,15 @@ ROWS = [
     )
     for recovery in ("none", "layerwise", "lora")
 ] + ["dense:lora", "half:none", "half:layerwise", "greedy_half:none", "greedy_half:layerwise"]
+HALF_KEYS = ("half", "greedy_half", "bi_half", "mix_half")
+STEP_LABELS = {
+    "none": "none",
+    "layerwise": "layer-wise LS",
+    "layerwise_robust": "robust layer-wise LS",
+    "lora": "LoRA",
+    "distill": "distillation",
+    "linear_replace": "linear replacement",
+}
 PROMPT = "Write a short news report about a bushfire threatening homes near Sydney."
 
 
@@ -71,11 +85,13 @@ class Bench:
     ex: Explorer  # large calibration
     small: Explorer  # LLM-Pruner's calibration
     selection_windows: torch.Tensor
+    offdomain: torch.Tensor  # the second evaluation domain (Wikipedia)
     args: argparse.Namespace
     rows: list[str] = field(default_factory=list)
     last: torch.nn.Module | None = None
     notes: list[str] = field(default_factory=list)
     pruned: dict[str, tuple] = field(default_factory=dict)  # method key -> prune() result
+    _dense_off: float | None = None
 
     # -- pruning --------------------------------------------------------------------------------------
     def prune(self, m: Method) -> tuple[torch.nn.Module, object, float]:
@@ -116,12 +132,14 @@ class Bench:
     def row(self, label: str, recovery: str, model, sel, seconds: float, calib: str) -> float:
         ex = self.ex
         ppl = perplexity(model, ex.evaluation)
+        off = perplexity(model, self.offdomain)
         sizes = ex.sizes(sel)
         block = 1 - sizes["block_params_after"] / sizes["block_params_before"]
         share = 1 - sizes["params_after"] / sizes["params_before"]
         n_params = sum(p.numel() for p in model.parameters())
         self.rows.append(
-            f"| {label} | {recovery} | {ppl:.2f} | {n_params:,} | {block:.1%} | {share:.1%} | "
+            f"| {label} | {recovery} | {ppl:.2f} | {off:.2f} | {n_params:,} | {block:.1%} | "
+            f"{share:.1%} | "
             f"{ex.evaluation.shape[1]} | {calib} | {CALIBRATION} | lee.cor | {seconds:.0f} |"
         )
         print(self.rows[-1], flush=True)
@@ -145,21 +163,51 @@ class Bench:
         else:
             model, sel, seconds = self.prune(m)
         t0 = time.perf_counter()
-        names = {"none": "none", "layerwise": "layer-wise LS", "lora": "LoRA"}
         for step in recovery.split("+"):
-            if step == "layerwise":
-                ex = self.small if m.small_calibration else self.ex
-                run_steps([{"step": "layerwise"}], self.context(model, sel, ex))
-            elif step == "lora":
+            if step == "lora":
                 losses = self.lora(model)
                 self.notes.append(
                     f"{m.label}, {recovery}: LoRA loss {losses[0]:.3f} -> {losses[-1]:.3f}"
                 )
-        label = " + ".join(names[step] for step in recovery.split("+"))
+            elif step != "none":
+                ex = self.small if m.small_calibration else self.ex
+                (report,) = run_steps([self.step_entry(step)], self.context(model, sel, ex))
+                if report.get("losses"):
+                    losses = report["losses"]
+                    self.notes.append(
+                        f"{m.label}, {recovery}: {step} loss {losses[0]:.4f} -> {losses[-1]:.4f} "
+                        f"({len(losses)} steps, {report.get('tokens', 0):,} tokens of "
+                        f"{report.get('text', 'calibration')} text)"
+                    )
+                elif step == "linear_replace":
+                    runs = ", ".join(
+                        f"{r['layers']}: {r['error_before']:.3f} -> {r['error_after']:.3f}"
+                        for r in report["runs"]
+                    )
+                    self.notes.append(f"{m.label}, {recovery}: gap errors {runs}")
+        label = " + ".join(STEP_LABELS[step] for step in recovery.split("+"))
         self.row(
             m.label, label, model, sel, seconds + time.perf_counter() - t0, self.calib_label(m)
         )
         self.last = model
+
+    def step_entry(self, step: str) -> dict:
+        """A recovery step with this run's parameters (distillation's from the command line)."""
+        if step != "distill":
+            return {"step": step}
+        a = self.args
+        return {
+            "step": "distill",
+            "steps": a.distill_steps,
+            "lr": a.distill_lr,
+            "batch_size": a.distill_batch,
+            "top_k": a.distill_top_k,
+            "temperature": a.distill_temperature,
+            "hidden_weight": a.distill_hidden,
+            "lora_rank": a.distill_lora_rank,
+            "generated": a.distill_generated,
+            "cache_teacher": a.distill_top_k > 0,
+        }
 
     def sample(self, m: Method, recovery: str) -> None:
         tok = self.ex.workspace.tokenizer
@@ -184,10 +232,12 @@ class Bench:
         ex, a = self.ex, self.args
         text = "\n".join(
             [
-                "# Issue 5: the papers' methods at 20% of the decoder-block parameters",
+                "# Issues 5 and 11: the papers' methods, depth pruning and recovery",
                 "",
                 f"SmolLM2-135M, dense perplexity {ex.dense_perplexity():.2f} on lee.cor "
-                f"({ex.evaluation.shape[0]} x {ex.evaluation.shape[1]} non-overlapping tokens). "
+                f"({ex.evaluation.shape[0]} x {ex.evaluation.shape[1]} non-overlapping tokens) "
+                f"and {self.dense_offdomain():.2f} off-domain (Wikipedia lead paragraphs from the "
+                f"gensim wheel, {self.offdomain.shape[0]} x {self.offdomain.shape[1]}). "
                 f"Calibration: lee_background.cor minus its last tenth of documents (held out "
                 f"for choosing settings: {self.selection_windows.shape[0]} x "
                 f"{self.selection_windows.shape[1]} tokens), {a.windows} x {a.length} token "
@@ -196,19 +246,29 @@ class Bench:
                 f"current weights) on the {a.windows} x {a.length} windows. LoRA: rank 8, "
                 f"{a.lora_steps} steps x {a.lora_batch} windows of {a.length} tokens, lr "
                 f"{a.lora_lr} (LLM-Pruner trains ~2 epochs on 50k samples: far fewer here). "
+                f"Distillation: {a.distill_steps} steps x {a.distill_batch} windows, lr "
+                f"{a.distill_lr}, T {a.distill_temperature}, top-k {a.distill_top_k or 'all'}, "
+                f"hidden weight {a.distill_hidden}, "
+                f"{'LoRA rank ' + str(a.distill_lora_rank) if a.distill_lora_rank else 'all block weights'}"
+                f"{', on self-generated text' if a.distill_generated else ''}. "
                 "Time: pruning (calibration pass share, scoring, updates) plus recovery, "
                 f"evaluation excluded. {machine_line(ex)}",
                 "",
-                "| method | recovery | perplexity | params after | block params removed | "
+                "| method | recovery | lee.cor | off-domain | params after | block params removed | "
                 "all params removed | context | calibration windows x length | calibration text | "
                 "evaluation text | time s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
                 *self.rows,
                 "",
                 *[f"- {n}" for n in self.notes],
             ]
         )
         write_result(a.out / "methods.md", text)
+
+    def dense_offdomain(self) -> float:
+        if self._dense_off is None:
+            self._dense_off = perplexity(self.ex.model, self.offdomain)
+        return self._dense_off
 
 
 def methods(args, best_plan: Plan, best_label: str) -> list[Method]:
@@ -261,6 +321,33 @@ def methods(args, best_plan: Plan, best_label: str) -> list[Method]:
             "depth2 (uniform, protect 4+2)",
             Plan(criterion="depth2", protect_first=4, protect_last=2, **p),
         ),
+        *depth_methods(args.target, "", args.mix_depth),
+        *depth_methods(0.5, "_half", args.mix_depth_half),
+    ]
+
+
+def depth_methods(target: float, suffix: str, mix_depth: int) -> list[Method]:
+    """Whole layers by Block Influence alone, and a few of them plus MLP-only depth2 widths."""
+    at = f" at {target:.0%}" if suffix else ""
+    return [
+        Method(
+            f"bi{suffix}",
+            f"block_influence (whole layers, protect 1+1){at}",
+            Plan(criterion="block_influence", target=target, protect_first=1, protect_last=1),
+        ),
+        Method(
+            f"mix{suffix}",
+            f"{mix_depth} layers by block_influence + depth2 MLP only (protect 1+1){at}",
+            Plan(
+                criterion="depth2",
+                target=target,
+                head_ratio=0.0,
+                protect_first=1,
+                protect_last=1,
+                depth=mix_depth,
+                depth_criterion="block_influence",
+            ),
+        ),
     ]
 
 
@@ -301,6 +388,16 @@ def main() -> None:
     parser.add_argument("--lora-batch", type=int, default=1)
     parser.add_argument("--lora-lr", type=float, default=5e-4)
     parser.add_argument("--shots", type=int, default=2)
+    parser.add_argument("--distill-steps", type=int, default=60)
+    parser.add_argument("--distill-lr", type=float, default=5e-5)
+    parser.add_argument("--distill-batch", type=int, default=2)
+    parser.add_argument("--distill-top-k", type=int, default=64)
+    parser.add_argument("--distill-temperature", type=float, default=1.0)
+    parser.add_argument("--distill-hidden", type=float, default=0.0)
+    parser.add_argument("--distill-lora-rank", type=int, default=0)
+    parser.add_argument("--distill-generated", action="store_true")
+    parser.add_argument("--mix-depth", type=int, default=2, help="layers the 20%% mix removes")
+    parser.add_argument("--mix-depth-half", type=int, default=4, help="... and the 50%% mix")
     parser.add_argument("--surgeon-windows", type=int, default=16)
     parser.add_argument("--greedy-allocation", default="global", choices=("uniform", "global"))
     parser.add_argument("--greedy-max-ratio", type=float, default=None)
@@ -322,13 +419,14 @@ def main() -> None:
     )
     small = Explorer.from_texts(ws, fit_text, evaluation)
     held = token_windows(ws.tokenizer, held_text, 256, args.selection_windows)
-    bench = Bench(ex, small, held, args)
+    offdomain = token_windows(ws.tokenizer, builtin_text("offdomain"), 256, 20)
+    bench = Bench(ex, small, held, offdomain, args)
     print("dense", ex.dense_perplexity(), flush=True)
 
     # One forward-only pass for every forward-only criterion, on the large calibration set.
     t0 = time.perf_counter()
     needs = FLAP_NEEDS
-    for name in ("depth2", "wanda_sp", "flap"):
+    for name in ("depth2", "wanda_sp", "flap", "block_influence"):
         needs = needs | get_criterion(name).needs
     ex.statistics(needs)
     pass_s = time.perf_counter() - t0
@@ -358,7 +456,7 @@ def main() -> None:
     for entry in args.rows:
         key, recovery = entry.split(":")
         bench.run_row(table[key], recovery)
-        if key in ("half", "greedy_half"):
+        if key in HALF_KEYS:
             bench.sample(table[key], recovery)
 
 

@@ -165,6 +165,10 @@ def show(session: SessionState, layer: float, threshold: float, progress=TRACK):
             jsd = loaded.explorer.statistics(ATTENTION).jsd(layer)
     except ExplorerError as exc:
         raise user_error(exc) from exc
+    except KeyError:  # a criterion of whole layers (Block Influence) scores no heads
+        raise gr.Error(
+            f"{plan.criterion} does not score attention heads. Pick another criterion."
+        ) from None
     redundant = greedy_redundant_heads(jsd, threshold, heads[layer])
     pairs = head_similarity_graph(jsd, threshold).number_of_edges()
     summary = (

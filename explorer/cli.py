@@ -8,6 +8,7 @@ python -m explorer export --plan plan.json --model smollm2-135m --out pruned/
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -16,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .data import TextSource, builtin_text
-from .errors import ExplorerError
+from .errors import ExplorerError, PlanError
 from .evaluate import perplexity
 from .importance import REDUCTIONS, criterion_names
 from .loading import EMBEDDED, cache_root, load_model
@@ -56,6 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--protect-first", type=int, default=None)
     prune.add_argument("--protect-last", type=int, default=None)
     prune.add_argument("--round-to", type=int, default=None)
+    prune.add_argument("--depth", type=int, default=None, help="whole layers to remove first")
+    prune.add_argument(
+        "--depth-criterion", choices=criterion_names(), default=None, help="scores those layers"
+    )
     prune.add_argument(
         "--max-ratio", type=float, default=None, help="global: most of one layer that may go"
     )
@@ -66,7 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--recovery",
         default=None,
-        help=f"comma-separated recovery steps after pruning: {', '.join(RECOVERY_STEPS)}",
+        help=(
+            f"comma-separated recovery steps after pruning: {', '.join(RECOVERY_STEPS)}; "
+            "parameters after colons, e.g. distill:steps=50:lora_rank=8"
+        ),
     )
     prune.add_argument("--save-plan", type=Path, default=None, help="write the plan JSON here")
     prune.add_argument("--prompt", default=None, help="also generate from this prompt")
@@ -89,6 +97,21 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-windows", type=int, default=None, help="limit evaluation windows")
 
 
+def recovery_entry(text: str) -> dict:
+    """``name`` or ``name:key=value:...`` as a plan's recovery entry (values read as JSON)."""
+    name, *pairs = (part.strip() for part in text.split(":"))
+    entry: dict = {"step": name}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PlanError(f"Recovery parameter '{pair}' is not key=value, e.g. steps=50.")
+        try:
+            entry[key] = json.loads(value)
+        except json.JSONDecodeError:
+            entry[key] = value
+    return entry
+
+
 def build_plan(args: argparse.Namespace) -> Plan:
     """The plan file (if any) with the command line's explicit options on top."""
     plan = Plan.load(args.plan) if args.plan else Plan()
@@ -105,6 +128,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "protect_last": getattr(args, "protect_last", None),
         "round_to": getattr(args, "round_to", None),
         "max_ratio": getattr(args, "max_ratio", None),
+        "depth": getattr(args, "depth", None),
+        "depth_criterion": getattr(args, "depth_criterion", None),
         "calibration_windows": getattr(args, "calibration_windows", None),
         "calibration_length": getattr(args, "calibration_length", None),
     }
@@ -112,7 +137,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         if value is not None:
             setattr(plan, key, value)
     if getattr(args, "recovery", None):
-        plan.recovery = [{"step": name.strip()} for name in args.recovery.split(",") if name]
+        plan.recovery = [recovery_entry(text) for text in args.recovery.split(",") if text]
     for key in ("calibration", "evaluation"):
         spec = getattr(args, key, None)
         if spec is not None:

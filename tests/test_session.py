@@ -164,6 +164,30 @@ def test_cli_recovers_and_exports(tiny_llama_dir, texts, tmp_path, capsys):
     assert main([*replay, "--eval-length", "16"]) == 0
 
 
+def test_cli_depth_plan_with_parametrised_recovery_steps(tiny_llama_dir, texts, tmp_path, capsys):
+    """Whole layers by Block Influence, then linear replacement and distillation with parameters."""
+    import json
+
+    calib, evaluation = texts
+    argv = ["prune", "--model", str(tiny_llama_dir), "--criterion", "wanda_sp", "--target", "0.5"]
+    argv += ["--depth", "1", "--depth-criterion", "block_influence", "--protect-first", "1"]
+    argv += ["--calibration", str(calib), "--evaluation", str(evaluation)]
+    argv += ["--eval-length", "16", "--calibration-length", "16"]
+    steps = "linear_replace,distill:steps=2:lora_rank=2:lr=0.01:top_k=5"
+    assert main([*argv, "--recovery", steps, "--out", str(tmp_path / "out")]) == 0
+    assert "after recovery (linear_replace, distill)" in capsys.readouterr().out
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["depth"] == 1 and plan["depth_criterion"] == "block_influence"
+    assert plan["recovery"] == [
+        {"step": "linear_replace"},
+        {"step": "distill", "steps": 2, "lora_rank": 2, "lr": 0.01, "top_k": 5},
+    ]
+    assert main([*argv, "--recovery", "distill:steps"]) == 2
+    assert "key=value" in capsys.readouterr().err
+    assert main([*argv, "--recovery", "distill:stepz=2"]) == 2
+    assert "no parameter stepz" in capsys.readouterr().err
+
+
 def test_cli_runs_the_greedy_obs_plan_with_its_update(tiny_llama_dir, texts, tmp_path, capsys):
     """The best setting of bench/methods.py, from the command line: MLP only, global, capped."""
     calib, evaluation = texts
