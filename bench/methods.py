@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -67,6 +68,22 @@ STEP_LABELS = {
 PROMPT = "Write a short news report about a bushfire threatening homes near Sydney."
 
 
+Spent = tuple[float, float]  # (wall seconds, CPU seconds of this process, all its threads)
+
+
+def now() -> Spent:
+    return time.perf_counter(), time.process_time()
+
+
+def since(start: Spent) -> Spent:
+    wall, cpu = now()
+    return wall - start[0], cpu - start[1]
+
+
+def plus(a: Spent, b: Spent) -> Spent:
+    return a[0] + b[0], a[1] + b[1]
+
+
 @dataclass
 class Method:
     """A table row's recipe: the plan, and the steps that belong to the method itself."""
@@ -106,7 +123,7 @@ class Bench:
 
     def _prune(self, m: Method) -> tuple[torch.nn.Module, object, float]:
         ex = self.small if m.small_calibration else self.ex
-        t0 = time.perf_counter()
+        t0 = now()
         if m.shots:
             scores_to_sel = lambda scores: resolve(m.plan, ex.structure, scores)  # noqa: E731
             model, sel = surgeon_prune(
@@ -122,14 +139,14 @@ class Bench:
             sel = ex.resolve(m.plan)
             model = prune_model(ex.model, ex.structure, sel)
             run_steps(m.own_steps, self.context(model, sel, ex))
-        return model, sel, time.perf_counter() - t0
+        return model, sel, since(t0)
 
     def context(self, pruned, sel, ex: Explorer | None = None) -> RecoveryContext:
         ex = ex or self.ex
         return RecoveryContext(ex.model, pruned, ex.structure, sel, self.ex.calibration, ex._stats)
 
     # -- rows -------------------------------------------------------------------------------------------
-    def row(self, label: str, recovery: str, model, sel, seconds: float, calib: str) -> float:
+    def row(self, label: str, recovery: str, model, sel, seconds: Spent, calib: str) -> float:
         ex = self.ex
         ppl = perplexity(model, ex.evaluation)
         off = perplexity(model, self.offdomain)
@@ -140,7 +157,8 @@ class Bench:
         self.rows.append(
             f"| {label} | {recovery} | {ppl:.2f} | {off:.2f} | {n_params:,} | {block:.1%} | "
             f"{share:.1%} | "
-            f"{ex.evaluation.shape[1]} | {calib} | {CALIBRATION} | lee.cor | {seconds:.0f} |"
+            f"{ex.evaluation.shape[1]} | {calib} | {CALIBRATION} | lee.cor | {seconds[0]:.0f} | "
+            f"{seconds[1]:.0f} |"
         )
         print(self.rows[-1], flush=True)
         self.write()
@@ -159,10 +177,10 @@ class Bench:
     def run_row(self, m: Method, recovery: str) -> None:
         """One row: ``m`` pruned, then ``recovery`` (none, layerwise, lora or layerwise+lora)."""
         if m.key == "dense":
-            model, sel, seconds = copy.deepcopy(self.ex.model), Selection(), 0.0
+            model, sel, seconds = copy.deepcopy(self.ex.model), Selection(), (0.0, 0.0)
         else:
             model, sel, seconds = self.prune(m)
-        t0 = time.perf_counter()
+        t0 = now()
         for step in recovery.split("+"):
             if step == "lora":
                 losses = self.lora(model)
@@ -186,9 +204,7 @@ class Bench:
                     )
                     self.notes.append(f"{m.label}, {recovery}: gap errors {runs}")
         label = " + ".join(STEP_LABELS[step] for step in recovery.split("+"))
-        self.row(
-            m.label, label, model, sel, seconds + time.perf_counter() - t0, self.calib_label(m)
-        )
+        self.row(m.label, label, model, sel, plus(seconds, since(t0)), self.calib_label(m))
         self.last = model
 
     def step_entry(self, step: str) -> dict:
@@ -252,12 +268,14 @@ class Bench:
                 f"{'LoRA rank ' + str(a.distill_lora_rank) if a.distill_lora_rank else 'all block weights'}"
                 f"{', on self-generated text' if a.distill_generated else ''}. "
                 "Time: pruning (calibration pass share, scoring, updates) plus recovery, "
-                f"evaluation excluded. {machine_line(ex)}",
+                "evaluation excluded, as wall seconds and as CPU seconds of the benchmark process "
+                "(all its threads; on a shared machine the wall time inflates, the CPU time much "
+                f"less). Load average at the end: {os.getloadavg()[0]:.1f}. {machine_line(ex)}",
                 "",
                 "| method | recovery | lee.cor | off-domain | params after | block params removed | "
                 "all params removed | context | calibration windows x length | calibration text | "
-                "evaluation text | time s |",
-                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+                "evaluation text | time s | CPU s |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
                 *self.rows,
                 "",
                 *[f"- {n}" for n in self.notes],
