@@ -223,9 +223,9 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
 def fetch(model: str) -> None:
     """Cache an embedded model and the built-in corpus, so later runs need no network."""
     _with_bar("fetch model", load_model, model)
-    for split in ("calibration", "evaluation"):
+    for split in ("calibration", "evaluation", "offdomain"):
         builtin_text(split)
-    print(f"cached {model} and the Lee corpus in {cache_root()}")
+    print(f"cached {model}, the Lee corpus and the off-domain text in {cache_root()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

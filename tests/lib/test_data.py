@@ -17,6 +17,7 @@ from explorer.data import (
     read_text_file,
     self_generated_text,
     token_windows,
+    wiki_paragraphs,
 )
 from explorer.errors import DataError
 
@@ -192,3 +193,25 @@ def test_lee_windows_for_smollm2():
     assert torch.equal(
         calib, token_windows(tokenizer, builtin_text("calibration"), 256, 32, seed=0)
     )
+
+
+def test_offdomain_text_is_clean_prose_disjoint_from_lee():
+    text = builtin_text("offdomain")
+    paragraphs = text.split("\n\n")
+    assert len(paragraphs) > 200 and len(text) > 100_000
+    assert not any(mark in text for mark in ("{{", "}}", "[[", "]]", "<ref", "&quot;"))
+    assert paragraphs[0].startswith("Anarchism is a political philosophy")
+    ensure_disjoint(builtin_text("calibration"), text)
+    ensure_disjoint(text, builtin_text("evaluation"))
+
+
+def test_wiki_paragraphs_keeps_link_text_and_drops_markup():
+    markup = (
+        "{{Infobox|a={{nested}}}}'''Albedo''' is the [[Reflection (physics)|reflection]] of "
+        "[[light]]<ref>Some book</ref> by a surface, measured from zero to one on a scale of "
+        "[[diffuse reflection]]s; see [http://example.org the source] for more on it.\n\n"
+        "== History ==\n* a list line\n[[Category:Physics]]"
+    )
+    (paragraph,) = wiki_paragraphs(markup, min_chars=50)
+    assert paragraph.startswith("Albedo is the reflection of light by a surface")
+    assert "the source for more" in paragraph and "Some book" not in paragraph
