@@ -1,0 +1,287 @@
+"""Recovery by distillation from the dense model (Minitron, arXiv 2407.14679).
+
+The dense model is the teacher, the pruned one the student. The loss per token is
+
+    T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)),   averaged over every position of every window,
+
+optionally restricted to the teacher's top-k logits (renormalised over those k; the student keeps
+its full softmax, so mass it puts outside the teacher's top k is still paid for), plus, with
+``hidden_weight`` > 0, the relative squared error ‖h_s − h_t‖² / ‖h_t‖² between each kept block's
+output and the dense block it came from (relative, because a few massive-activation positions
+would otherwise dominate a plain MSE). Unlike fine-tuning on the language-modelling loss, the
+target is the dense model's own distribution: distilling the dense model into itself changes
+nothing, so what the student gains is repair, not adaptation to the training text.
+
+Training runs under ``accelerate`` (its device: CUDA when present), either on LoRA adapters
+(``lora_rank`` > 0, merged afterwards) or on every kept weight of the decoder blocks and the final
+norm (the tied embedding / output head stays frozen). With ``top_k`` > 0 and no hidden loss the
+teacher runs once over the windows before training; ``cache_teacher`` keeps that top-k slice in
+the project cache, keyed by the teacher's weights, the windows and k, so a rerun skips it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import sample_tokens
+from ..errors import PlanError
+from ..model.families import get_module
+from ..model.loading import cache_root
+from ..model.structure import StructureMap
+from ..progress import Progress
+from .steps import RecoveryContext, RecoveryStep, _hooks
+from .training import train
+
+PROMPT_TOKENS = 8  # generated text: each window continues the first tokens of a calibration window
+
+
+# -- the loss ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TeacherLogits:
+    """The teacher's logits for a batch: all of them (``indices`` None), or its top k by index."""
+
+    logits: torch.Tensor  # (batch, length, vocab) or (batch, length, k)
+    indices: torch.Tensor | None = None  # (batch, length, k)
+
+    @classmethod
+    def of(cls, logits: torch.Tensor, top_k: int = 0) -> TeacherLogits:
+        if top_k <= 0 or top_k >= logits.shape[-1]:
+            return cls(logits)
+        top = logits.topk(top_k, dim=-1)
+        return cls(top.values, top.indices)
+
+
+def distillation_loss(
+    student_logits: torch.Tensor, teacher: TeacherLogits, temperature: float = 1.0
+) -> torch.Tensor:
+    """T² · mean over tokens of KL(p_t ‖ p_s) at temperature T (see the module docstring)."""
+    t = temperature
+    log_q = F.log_softmax(_at_least_fp32(student_logits) / t, dim=-1)
+    if teacher.indices is not None:
+        log_q = log_q.gather(-1, teacher.indices)
+    log_p = F.log_softmax(_at_least_fp32(teacher.logits) / t, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    return t * t * kl.mean()
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]):
+    """Mean over matched layers of ‖h_s − h_t‖² / ‖h_t‖² (summed over the batch's tokens)."""
+    terms = [
+        (s.float() - t.float()).square().sum() / t.float().square().sum()
+        for s, t in zip(student, teacher, strict=True)
+    ]
+    return torch.stack(terms).mean()
+
+
+class LayerOutputs:
+    """Records the residual stream leaving the chosen decoder layers on every forward."""
+
+    def __init__(self, model: nn.Module, structure: StructureMap, layers: Sequence[int]):
+        self.layers = get_module(model, structure.family.layers)
+        self.chosen = list(layers)
+        self.seen: dict[int, torch.Tensor] = {}
+
+    def hooks(self):
+        def keep(index: int):
+            def hook(module, args, output):
+                self.seen[index] = output[0] if isinstance(output, tuple) else output
+
+            return self.layers[index].register_forward_hook, hook
+
+        return _hooks(keep(i) for i in self.chosen)
+
+    def outputs(self, channels: torch.Tensor | None = None) -> list[torch.Tensor]:
+        out = [self.seen[i] for i in self.chosen]
+        return out if channels is None else [h.index_select(-1, channels.to(h.device)) for h in out]
+
+
+# -- the teacher's targets, once -------------------------------------------------------------------------
+@torch.no_grad()
+def teacher_top_k(
+    teacher: nn.Module, windows: torch.Tensor, top_k: int, batch_size: int = 4, progress=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices), each (windows, length, k): the teacher's top-k logits per position."""
+    device = next(teacher.parameters()).device
+    values, indices = [], []
+    for start in range(0, len(windows), batch_size):
+        ids = windows[start : start + batch_size].to(device)
+        logits = teacher(input_ids=ids, use_cache=False).logits
+        top = logits.float().topk(top_k, dim=-1)
+        values.append(top.values.cpu())
+        indices.append(top.indices.cpu())
+        if progress is not None:
+            done = min(start + batch_size, len(windows))
+            progress(done / len(windows), f"Teacher logits {done}/{len(windows)}")
+    return torch.cat(values), torch.cat(indices)
+
+
+def teacher_cache_path(teacher: nn.Module, windows: torch.Tensor, top_k: int) -> Path:
+    """The cache file for these weights, windows and k (a digest of all three)."""
+    digest = hashlib.sha256()
+    digest.update(teacher.config.to_json_string().encode())
+    with torch.no_grad():
+        sums = torch.stack([p.detach().double().sum() for p in teacher.parameters()])
+    digest.update(sums.cpu().numpy().tobytes())
+    digest.update(windows.cpu().numpy().tobytes())
+    digest.update(str(top_k).encode())
+    return cache_root() / "distill" / f"teacher-top{top_k}-{digest.hexdigest()[:24]}.pt"
+
+
+def cached_teacher_top_k(
+    teacher: nn.Module, windows: torch.Tensor, top_k: int, progress=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``teacher_top_k``, read from or written to the project cache."""
+    path = teacher_cache_path(teacher, windows, top_k)
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return saved["values"], saved["indices"]
+    values, indices = teacher_top_k(teacher, windows, top_k, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"values": values, "indices": indices}, tmp)
+    tmp.replace(path)
+    return values, indices
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    structure: StructureMap,
+    kept_layers: Sequence[int],
+    windows: torch.Tensor,
+    *,
+    steps: int = 100,
+    lr: float = 5e-5,
+    batch_size: int = 4,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    hidden_weight: float = 0.0,
+    lora_rank: int = 0,
+    cache_teacher: bool = False,
+    kept_hidden: torch.Tensor | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> list[float]:
+    """Distil ``teacher`` into ``student`` (changed in place) on ``windows``; the loss per step.
+
+    ``kept_layers[i]`` is the teacher layer that student layer ``i`` came from; ``kept_hidden``
+    the teacher's residual channels the student kept (None: all). See the module docstring.
+    """
+    if temperature <= 0:
+        raise PlanError("The distillation temperature must be positive (1.0 is the usual).")
+    teacher_device = next(teacher.parameters()).device
+    precomputed = top_k > 0 and hidden_weight == 0
+    data: list[torch.Tensor] = [windows]
+    if precomputed:
+        top = cached_teacher_top_k if cache_teacher else teacher_top_k
+        data += list(top(teacher, windows, top_k, progress=progress))
+    student_out = LayerOutputs(student, structure, range(len(kept_layers)))
+    teacher_out = LayerOutputs(teacher, structure, kept_layers)
+
+    def loss_fn(model, ids, *cached):
+        if cached:
+            target = TeacherLogits(cached[0], cached[1])
+        else:
+            with torch.no_grad(), teacher_out.hooks():
+                logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits
+            target = TeacherLogits.of(logits.to(ids.device), top_k)
+        with student_out.hooks():
+            logits = model(input_ids=ids, use_cache=False).logits
+        loss = distillation_loss(logits, target, temperature)
+        if hidden_weight > 0:
+            hidden_t = [h.to(ids.device) for h in teacher_out.outputs(kept_hidden)]
+            loss = loss + hidden_weight * hidden_state_loss(student_out.outputs(), hidden_t)
+        return loss
+
+    layers = structure.family.layers + "."
+    final_norm = structure.family.final_norm + "."
+    return train(
+        student,
+        data,
+        loss_fn,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        lora_rank=lora_rank,
+        trainable=lambda name: name.startswith((layers, final_norm)),
+        seed=seed,
+        label="Distillation",
+        progress=progress,
+    )
+
+
+def generated_windows(
+    teacher: nn.Module, windows: torch.Tensor, seed: int = 0, progress=None
+) -> torch.Tensor:
+    """Windows of the teacher's own text, each continuing a calibration window's first tokens."""
+    device = next(teacher.parameters()).device
+    prompt = min(PROMPT_TOKENS, windows.shape[1] - 1)
+    ids = sample_tokens(
+        teacher, windows[:, :prompt].to(device), windows.shape[1] - prompt, seed, progress
+    )
+    return ids.clone().cpu()  # a normal tensor: inference tensors cannot be trained on
+
+
+# -- the step --------------------------------------------------------------------------------------------
+def _distill_step(
+    ctx: RecoveryContext,
+    *,
+    steps: int = 100,
+    lr: float = 5e-5,
+    batch_size: int = 4,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    hidden_weight: float = 0.0,
+    lora_rank: int = 0,
+    generated: bool = False,
+    cache_teacher: bool = False,
+    seed: int = 0,
+) -> dict:
+    s, sel = ctx.structure, ctx.selection
+    windows = ctx.windows
+    if generated:
+        windows = generated_windows(ctx.dense, windows, seed, ctx.progress)
+    gone = set(sel.hidden)
+    kept_hidden = torch.tensor([c for c in range(s.hidden) if c not in gone]) if gone else None
+    losses = distill(
+        ctx.dense,
+        ctx.pruned,
+        s,
+        sel.kept_layers(s),
+        windows,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        temperature=temperature,
+        top_k=top_k,
+        hidden_weight=hidden_weight,
+        lora_rank=lora_rank,
+        cache_teacher=cache_teacher,
+        kept_hidden=kept_hidden,
+        seed=seed,
+        progress=ctx.progress,
+    )
+    return {
+        "losses": losses,
+        "text": "generated by the dense model" if generated else "calibration",
+        "tokens": int(windows.numel()),
+    }
+
+
+DISTILL_STEP = RecoveryStep(
+    name="distill",
+    title="Distillation from the dense model (KL on next-token logits; LoRA or all weights)",
+    run=_distill_step,
+    paper="Minitron (Muralidharan et al., arXiv 2407.14679)",
+)

@@ -1,0 +1,143 @@
+"""Distillation recovery: the loss by hand, training that lowers it, caching, export."""
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from explorer.apply.pruning import prune_model
+from explorer.catalogue import RECOVERY_STEPS
+from explorer.errors import PlanError
+from explorer.export import export_model
+from explorer.planning.selection import Selection
+from explorer.recovery.distill import (
+    TeacherLogits,
+    distillation_loss,
+    generated_windows,
+    teacher_cache_path,
+)
+from explorer.recovery.steps import RecoveryContext, run_steps
+from tests.tiny import tiny, tokens
+
+
+def pruned_pair(family: str = "llama"):
+    model, s = tiny(family)
+    sel = Selection.make(s, mlp={0: list(range(20)), 2: list(range(0, 40, 2))}, layers=[1])
+    return model, s, sel, prune_model(model, s, sel)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits.double()
+
+
+def kl_by_hand(z_t, z_s, temperature, top_k=None) -> float:
+    """T² · mean over tokens of Σ_v p_v log(p_v / q_v), one token at a time."""
+    total, n = 0.0, 0
+    for zt, zs in zip(z_t.reshape(-1, z_t.shape[-1]), z_s.reshape(-1, z_s.shape[-1]), strict=True):
+        support = zt.topk(top_k).indices.tolist() if top_k else range(len(zt))
+        p_norm = sum(math.exp(zt[v] / temperature) for v in support)
+        q_norm = sum(math.exp(x / temperature) for x in zs.tolist())
+        for v in support:
+            p = math.exp(zt[v] / temperature) / p_norm
+            q = math.exp(zs[v] / temperature) / q_norm
+            total += p * math.log(p / q)
+        n += 1
+    return temperature**2 * total / n
+
+
+@pytest.mark.parametrize(("temperature", "top_k"), [(1.0, 0), (2.0, 0), (1.5, 5)])
+def test_distillation_loss_is_the_tempered_kl_by_hand(temperature, top_k):
+    model, _, _, pruned = pruned_pair()
+    ids = tokens(2, 5)
+    z_t, z_s = logits(model, ids), logits(pruned, ids)
+    loss = distillation_loss(z_s, TeacherLogits.of(z_t, top_k), temperature)
+    assert loss.item() == pytest.approx(kl_by_hand(z_t, z_s, temperature, top_k), rel=1e-4)
+    assert distillation_loss(z_t, TeacherLogits.of(z_t), temperature).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def run_distill(model, s, sel, pruned, ids, **params):
+    ctx = RecoveryContext(model, pruned, s, sel, ids)
+    (report,) = run_steps([{"step": "distill", **params}], ctx, RECOVERY_STEPS)
+    return report
+
+
+@pytest.mark.parametrize(("lora_rank", "lr"), [(0, 1e-3), (4, 1e-2)])
+def test_distillation_starts_at_the_kl_of_the_pruned_model_and_lowers_it(lora_rank, lr):
+    model, s, sel, pruned = pruned_pair()
+    ids = tokens(4, 10)
+    first = distillation_loss(logits(pruned, ids), TeacherLogits.of(logits(model, ids)), 2.0)
+    report = run_distill(
+        model, s, sel, pruned, ids, steps=12, lr=lr, batch_size=4, temperature=2.0,
+        lora_rank=lora_rank,
+    )  # fmt: skip
+    losses = report["losses"]
+    assert len(losses) == 12 and losses[0] == pytest.approx(first.item(), rel=1e-4)
+    assert losses[-1] < 0.5 * losses[0]
+    after = distillation_loss(logits(pruned, ids), TeacherLogits.of(logits(model, ids)), 2.0)
+    assert after < first  # the model changed in place and is plain again (no adapters left)
+    assert not any("lora" in name for name, _ in pruned.named_parameters())
+    assert model.model.embed_tokens.weight.requires_grad  # requires_grad flags are restored
+
+
+def test_hidden_state_loss_adds_the_relative_error_of_matched_layers():
+    model, s, sel, pruned = pruned_pair()
+    ids = tokens(4, 10)
+    plain = run_distill(model, s, sel, pruned, ids, steps=1, lr=0.0, batch_size=4)["losses"][0]
+    with torch.no_grad():
+        hs = pruned(input_ids=ids, output_hidden_states=True).hidden_states
+        ht = model(input_ids=ids, output_hidden_states=True).hidden_states
+    # Student layer 0 is dense layer 0; student layer 1 (the last, whose hidden state transformers
+    # gives after the final norm) is dense layer 2: compare the first pair here by hand.
+    first = ((hs[1] - ht[1]).square().sum() / ht[1].square().sum()).item()
+    both = run_distill(
+        model, s, sel, pruned, ids, steps=1, lr=0.0, batch_size=4, hidden_weight=0.5
+    )["losses"][0]
+    assert both > plain + 0.5 * first / 2  # the mean of two layers' relative errors, weighted
+
+
+def test_cached_teacher_is_written_once_and_gives_the_same_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("PRUNING_EXPLORER_CACHE", str(tmp_path))
+    model, s, sel, _ = pruned_pair()
+    ids = tokens(4, 10)
+    params = dict(steps=3, lr=1e-3, batch_size=2, top_k=8)
+    live = run_distill(model, s, sel, prune_model(model, s, sel), ids, **params)["losses"]
+    cached = run_distill(
+        model, s, sel, prune_model(model, s, sel), ids, **params, cache_teacher=True
+    )["losses"]
+    path = teacher_cache_path(model, ids, 8)
+    assert path.is_file() and path.is_relative_to(tmp_path / "distill")
+    again = run_distill(
+        model, s, sel, prune_model(model, s, sel), ids, **params, cache_teacher=True
+    )["losses"]
+    assert live == pytest.approx(cached, rel=1e-5) and cached == again
+
+
+def test_generated_windows_continue_the_calibration_prompts():
+    model, _, _, _ = pruned_pair()
+    ids = tokens(3, 12)
+    text = generated_windows(model, ids, seed=1)
+    assert text.shape == ids.shape and torch.equal(text[:, :8], ids[:, :8])
+    assert not torch.equal(text, ids) and torch.equal(text, generated_windows(model, ids, seed=1))
+    assert not text.is_inference()
+
+
+def test_bad_temperature_is_refused():
+    model, s, sel, pruned = pruned_pair()
+    with pytest.raises(PlanError, match="temperature"):
+        run_distill(model, s, sel, pruned, tokens(), temperature=0.0)
+
+
+def test_distilled_model_exports_and_reloads_with_the_same_logits(tiny_tokenizer, tmp_path):
+    model, s, sel, pruned = pruned_pair()
+    ids = tokens(4, 10)
+    before = logits(pruned, ids)
+    run_distill(model, s, sel, pruned, ids, steps=3, lr=1e-2, lora_rank=4, generated=True)
+    assert not torch.allclose(logits(pruned, ids), before)
+    result = export_model(model, tiny_tokenizer, s, sel, tmp_path / "out", pruned=pruned)
+    assert not result.remote_code
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits(reloaded, ids), logits(pruned, ids), rtol=1e-4, atol=1e-4)
