@@ -6,6 +6,8 @@ fixture saves one to disk), so the shapes the suite runs on are defined in one p
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -123,3 +125,15 @@ def tiny(name: str, seed: int = 0):
 def tokens(n: int = 2, length: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (n, length), generator=g)
+
+
+def raw_hidden_states(model, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Every residual stream (embedding output, then each block's output) without the final norm.
+
+    transformers gives the last hidden state after the final norm; a copy without it gives the
+    block's own output.
+    """
+    plain = copy.deepcopy(model)
+    plain.model.norm = torch.nn.Identity()
+    with torch.no_grad():
+        return plain(input_ids=ids, output_hidden_states=True).hidden_states

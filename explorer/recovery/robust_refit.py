@@ -1,7 +1,7 @@
 """A layer-wise least-squares refit that the attention-sink positions cannot dominate.
 
-The plain refit (``explorer.recovery.steps.layerwise_least_squares``) minimises the summed squared error
-over every calibration token. In LLMs a few positions — the first token of every window above all,
+The plain refit (``explorer.recovery.steps.layerwise_least_squares``) minimises the summed
+squared error over every calibration token. In LLMs a few positions — the first token of every window above all,
 the attention sink — carry massive activations, hundreds of times the norm of the others, so that
 sum is almost only their error: the refit trades the quality of every ordinary token for a little
 less error at the sinks, and hurts models that were already good (MLP-only and compensated cuts).
@@ -26,13 +26,7 @@ from functools import partial
 
 import torch
 
-from .steps import (
-    GramAccumulator,
-    RecoveryContext,
-    RecoveryStep,
-    error_summary,
-    layerwise_least_squares,
-)
+from .steps import GramAccumulator, RecoveryContext, RecoveryStep, refit_report
 
 
 class RobustAccumulator(GramAccumulator):
@@ -108,19 +102,10 @@ def _robust_layerwise_step(
     relative: bool = True,
     shrink_to_current: bool = True,
 ) -> dict:
-    errors = layerwise_least_squares(
-        ctx.dense,
-        ctx.pruned,
-        ctx.structure,
-        ctx.selection,
-        ctx.windows,
-        damping=damping,
-        modules=modules,
-        shrink_to_current=shrink_to_current,
-        progress=ctx.progress,
-        accumulator=partial(RobustAccumulator, sink_positions=sink_positions, relative=relative),
+    robust = partial(RobustAccumulator, sink_positions=sink_positions, relative=relative)
+    return refit_report(
+        ctx, robust, damping=damping, modules=modules, shrink_to_current=shrink_to_current
     )
-    return error_summary(errors)
 
 
 ROBUST_LAYERWISE_STEP = RecoveryStep(

@@ -453,22 +453,26 @@ def _layerwise_step(
     modules: Sequence[str] = ("o_proj", "down_proj"),
     shrink_to_current: bool = True,
 ) -> dict:
+    return refit_report(
+        ctx, GramAccumulator, damping=damping, modules=modules, shrink_to_current=shrink_to_current
+    )
+
+
+def refit_report(
+    ctx: RecoveryContext, accumulator: Callable[..., GramAccumulator], **options
+) -> dict:
+    """The layer-wise refit of ``ctx.pruned`` with ``accumulator``; how many modules it refit
+    and their mean relative error before and after."""
     errors = layerwise_least_squares(
         ctx.dense,
         ctx.pruned,
         ctx.structure,
         ctx.selection,
         ctx.windows,
-        damping=damping,
-        modules=modules,
-        shrink_to_current=shrink_to_current,
         progress=ctx.progress,
+        accumulator=accumulator,
+        **options,
     )
-    return error_summary(errors)
-
-
-def error_summary(errors: dict[str, tuple[float, float]]) -> dict:
-    """A refit's report: how many modules, and their mean relative error before and after."""
     before = [b for b, _ in errors.values()]
     after = [a for _, a in errors.values()]
     return {

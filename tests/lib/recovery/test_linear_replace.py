@@ -1,10 +1,7 @@
 """Linear replacement of removed blocks: the lstsq map, folded, exported as a plain model."""
 
-import copy
-
 import pytest
 import torch
-from torch import nn
 from transformers import AutoModelForCausalLM
 
 from explorer.apply.pruning import prune_model
@@ -14,15 +11,7 @@ from explorer.export import export_model
 from explorer.planning.selection import Selection
 from explorer.recovery.linear_replace import removed_runs, replace_removed_blocks
 from explorer.recovery.steps import RecoveryContext, run_steps
-from tests.tiny import CONFIGS, tiny, tokens
-
-
-def raw_hidden_states(model, ids):
-    """Every residual stream (embedding output, then each block's output) without the final norm."""
-    plain = copy.deepcopy(model)
-    plain.model.norm = nn.Identity()
-    with torch.no_grad():
-        return plain(input_ids=ids, output_hidden_states=True).hidden_states
+from tests.tiny import CONFIGS, raw_hidden_states, tiny, tokens
 
 
 def test_removed_runs_are_maximal_consecutive_stretches():

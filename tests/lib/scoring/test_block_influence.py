@@ -1,21 +1,10 @@
 """Block Influence: one minus the mean cosine between a block's input and output streams."""
 
-import copy
-
 import torch
-from torch import nn
 
 from explorer.catalogue import CRITERIA
 from explorer.scoring import Needs, ScoreContext, collect_statistics
-from tests.tiny import tiny, tokens
-
-
-def raw_hidden_states(model, ids):
-    """Every residual stream (embedding output, then each block's output) without the final norm."""
-    plain = copy.deepcopy(model)
-    plain.model.norm = nn.Identity()
-    with torch.no_grad():
-        return plain(input_ids=ids, output_hidden_states=True).hidden_states
+from tests.tiny import raw_hidden_states, tiny, tokens
 
 
 def test_block_influence_is_one_minus_the_mean_cosine_of_consecutive_streams():
