@@ -447,7 +447,8 @@ def test_a_plans_recovery_fills_the_recover_form_and_comes_back_from_it():
     assert form["lora", "steps"] == 3 and form["lora", "lr"] == 1e-3
     assert form["lora", "rank"] == 8 and form["layerwise", "damping"] == 0.01  # defaults
     visible = {name: g.visible for name, g in zip(recovery.with_parameters(), groups, strict=True)}
-    assert visible == {"layerwise": True, "lora": True, "surgeon": False}
+    hidden = ("layerwise_robust", "distill", "linear_replace", "surgeon")
+    assert visible == {"layerwise": True, "lora": True} | dict.fromkeys(hidden, False)
     assert "unknown recovery steps (nope)" in message
     # Back into the plan: what the form does not show (layer-wise's modules) is kept.
     assert recovery.recipe(chosen, values, plan.recovery) == [
@@ -457,6 +458,19 @@ def test_a_plans_recovery_fills_the_recover_form_and_comes_back_from_it():
     zero_rank = [0 if key == ("lora", "rank") else v for key, v in form.items()]
     with pytest.raises(PlanError, match="rank = 0 is out of range"):
         recovery.recipe(["lora"], zero_rank, [])
+
+
+def test_the_loss_curve_shows_every_step_that_trains():
+    reports = [
+        {"step": "linear_replace", "runs": []},
+        {"step": "distill", "losses": [0.7, 0.5, 0.4]},
+        {"step": "lora", "losses": [3.0, 2.5]},
+    ]
+    figure = recovery.loss_figure(reports)
+    assert [(t.name, list(t.y)) for t in figure.data] == [
+        ("distill", [0.7, 0.5, 0.4]),
+        ("lora", [3.0, 2.5]),
+    ]
 
 
 def test_text_sources_from_the_model_panel(tmp_path):
