@@ -38,8 +38,8 @@ from components import (  # noqa: E402
 )
 from components.state import SessionState, Settings  # noqa: E402
 from explorer.errors import ExplorerError  # noqa: E402
-from explorer.loading import cache_root  # noqa: E402
-from explorer.plan import Plan  # noqa: E402
+from explorer.model.loading import cache_root  # noqa: E402
+from explorer.planning.plan import Plan  # noqa: E402
 from explorer.policy import AccessPolicy  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DataError, ExplorerError, ExportError, ModelSourceError, PlanError
-from .loading import EMBEDDED
+from .model.loading import EMBEDDED
 
 # Parameters of a recovery step that count training or update steps (LoRA's steps, Surgeon's
 # shots...): bounded by ``max_steps`` so that one request cannot train for days.
@@ -95,14 +95,6 @@ class AccessPolicy:
             f"The dataset '{name}' is not one this server offers. Upload a .txt or .jsonl file, "
             "or ask the operator to allow it (--allow-path, --allow-hub)."
         )
-
-    def check_text(self, text: str, split: str) -> None:
-        """Refuse text longer than the server tokenises for one request."""
-        if len(text) > self.max_text_chars:
-            raise DataError(
-                f"The {split} text has {len(text):,} characters; this server reads at most "
-                f"{self.max_text_chars:,}. Use a shorter text."
-            )
 
     # -- work -----------------------------------------------------------------------------------------
     def check_recovery(self, steps: list[dict]) -> None:

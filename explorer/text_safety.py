@@ -32,6 +32,15 @@ def decode_text(raw: bytes, name: str) -> str:
         ) from None
 
 
+def check_length(text: str, split: str, most: int | None) -> None:
+    """Refuse text longer than ``most`` characters (None: any length)."""
+    if most is not None and len(text) > most:
+        raise DataError(
+            f"The {split} text has {len(text):,} characters; this server reads at most "
+            f"{most:,}. Use a shorter text."
+        )
+
+
 def tokenize_in_chunks(tokenizer, text: str, chunk: int = CHUNK_CHARS) -> list[int]:
     """Token ids of ``text`` without special tokens, tokenised piece by piece."""
     ids: list[int] = []

@@ -29,6 +29,6 @@ def user_folder(tmp_path):
 @pytest.fixture
 def tiny_workspace(tiny_llama_dir):
     """The tiny Llama folder loaded as a user would load a local model."""
-    from explorer.loading import load_model
+    from explorer.model.loading import load_model
 
     return load_model(str(tiny_llama_dir), device="cpu")

@@ -6,8 +6,8 @@ import hashlib
 import os
 from pathlib import Path
 
-from explorer.selection import Selection
-from explorer.structure import StructureMap
+from explorer.model.structure import StructureMap
+from explorer.planning.selection import Selection
 
 
 def tree_digest(root: Path) -> dict[str, str]:

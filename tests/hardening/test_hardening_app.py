@@ -24,10 +24,10 @@ import torch
 
 from components import state
 from explorer.policy import AccessPolicy
-from tests.app_fixtures import free_port
+from tests.app.fixtures import free_port
 from tests.hardening.safety_helpers import tree_digest
 
-pytest_plugins = ["tests.app_fixtures"]
+pytest_plugins = ["tests.app.fixtures"]
 
 BUILTIN = ("builtin", None, "", 2)  # calibration kind, file, dataset, generated samples
 MLP_ONLY = ("uniform", "l1", "sum", 0.2, "head", 0, 0, 1, True)  # the plan controls
@@ -367,8 +367,8 @@ def test_eight_clients_at_once_get_what_each_gets_alone(tiny_app):
 
 
 def test_a_client_leaving_mid_preview_leaves_the_model_dense(tiny_app, monkeypatch):
-    from explorer import preview
-    from explorer.loading import load_model
+    from explorer.apply import preview
+    from explorer.model.loading import load_model
 
     client = new_client(tiny_app)
     controls = (*MLP_ONLY[:3], 0.4, *MLP_ONLY[4:])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from explorer import cli
+from explorer import cli, session
 from tests.hardening.safety_helpers import error_lines, tree_digest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[2]
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fail the test if the model would be loaded: the refusal must come before that."""
-    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(session, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
 
 
 def run_cli(capsys, *args: str) -> str:

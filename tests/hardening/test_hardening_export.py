@@ -14,8 +14,8 @@ import pytest
 
 from explorer.errors import ExportError
 from explorer.export import export_model
-from explorer.export_safety import check_target, clean_stale_partials
-from explorer.structure import StructureMap
+from explorer.export.safety import check_target, clean_stale_partials
+from explorer.model.structure import StructureMap
 from tests.hardening.safety_helpers import small_selection, tree_digest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -138,10 +138,10 @@ def test_stale_partial_folders_are_removed_by_the_next_export(tiny_workspace, tm
 
 KILLED_EXPORT = """
 import sys, time
-import explorer.export as export
-from explorer.loading import load_model
-from explorer.selection import Selection
-from explorer.structure import StructureMap
+import explorer.export.writer as export
+from explorer.model.loading import load_model
+from explorer.planning.selection import Selection
+from explorer.model.structure import StructureMap
 
 def hang(folder, *args):
     (folder / "WRITTEN").write_text("")  # tell the test the weights are on disk

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from explorer import loading
-from explorer.cache_check import model_folder_is_whole
 from explorer.data import read_text_file, token_windows
 from explorer.errors import DataError, ModelSourceError, PlanError
 from explorer.export import export_model, load_pruned
-from explorer.loading import EmbeddedModel, load_model
-from explorer.plan import Plan
+from explorer.model import loading
+from explorer.model.cache import model_folder_is_whole
+from explorer.model.loading import EmbeddedModel, load_model
+from explorer.model.structure import StructureMap
+from explorer.planning.plan import Plan
 from explorer.session import Explorer
-from explorer.structure import StructureMap
 from explorer.text_safety import CHUNK_CHARS
 from tests.hardening.safety_helpers import tree_digest, uneven_selection
 
@@ -258,7 +258,7 @@ def test_plan_removing_every_head_is_refused_before_scoring(plan, tiny_workspace
     )
     ex.statistics = ex.scores = lambda *a, **k: pytest.fail("scored before refusing")
     with pytest.raises(PlanError, match="removes every attention head of layer"):
-        ex.resolve(plan)
+        ex.select(plan)
 
 
 def test_saving_a_plan_into_a_missing_folder_is_a_plan_error(tmp_path):
