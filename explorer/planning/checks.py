@@ -107,8 +107,11 @@ def _ratios(plan: Any, n: int) -> list[tuple[int, float, float]]:
     ]
     if plan.head_ratio is not None or plan.mlp_ratio is not None:
         return [(i, plan.head_ratio or 0.0, plan.mlp_ratio or 0.0) for i in layers]
-    # What removed layers leave of the target, spread over the unprotected layers.
-    share = max((plan.target or 0.0) * n - len(set(plan.remove_layers)), 0.0) / max(len(layers), 1)
+    # What removed layers (and the ``depth`` ones to come) leave of the target, spread over the
+    # unprotected layers that stay.
+    depth = getattr(plan, "depth", 0)
+    left = max((plan.target or 0.0) * n - len(set(plan.remove_layers)) - depth, 0.0)
+    share = left / max(len(layers) - depth, 1)
     if share > 1.0:
         raise PlanError(
             f"Removing {plan.target:.0%} of the block parameters from only {len(layers)} "
