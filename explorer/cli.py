@@ -8,6 +8,7 @@ python -m explorer export --plan plan.json --model smollm2-135m --out pruned/
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ from .loading import EMBEDDED, cache_root, load_model
 from .plan import Plan
 from .recovery import RECOVERY_STEPS
 from .selection import Selection
+from .sensitivity import Sensitivity
 from .session import Explorer
 
 
@@ -49,7 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--target", type=float, default=None, help="share of decoder-block parameters to remove"
     )
-    prune.add_argument("--allocation", choices=("uniform", "global"), default=None)
+    prune.add_argument("--allocation", choices=("uniform", "global", "sensitivity"), default=None)
+    prune.add_argument(
+        "--sensitivity", type=Path, default=None, help="sensitivity allocation: a saved sweep"
+    )
     prune.add_argument("--head-ratio", type=float, default=None, help="uniform: share of heads")
     prune.add_argument("--mlp-ratio", type=float, default=None, help="uniform: share of channels")
     prune.add_argument("--attention-unit", choices=("head", "kv"), default=None)
@@ -59,17 +64,21 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--max-ratio", type=float, default=None, help="global: most of one layer that may go"
     )
-    prune.add_argument("--calibration", default=None, help="builtin, generated, FILE, dataset:...")
-    prune.add_argument("--evaluation", default=None, help="builtin, FILE, dataset:...")
-    prune.add_argument("--calibration-windows", type=int, default=None)
-    prune.add_argument("--calibration-length", type=int, default=None)
-    prune.add_argument(
-        "--recovery",
-        default=None,
-        help=f"comma-separated recovery steps after pruning: {', '.join(RECOVERY_STEPS)}",
-    )
+    _data(prune)
     prune.add_argument("--save-plan", type=Path, default=None, help="write the plan JSON here")
     prune.add_argument("--prompt", default=None, help="also generate from this prompt")
+    sens = sub.add_parser(
+        "sensitivity", help="per-layer damage of cutting one layer alone, written as JSON/CSV"
+    )
+    _common(sens)
+    sens.add_argument("--criterion", choices=criterion_names(), default=None)
+    sens.add_argument("--reduction", choices=REDUCTIONS, default=None)
+    sens.add_argument("--kinds", default="head,mlp", help="comma-separated: head, kv, mlp, layer")
+    sens.add_argument("--ratios", default=None, help="comma-separated grid (default 0.1,...,0.9)")
+    sens.add_argument("--windows", type=int, default=None, help="preview windows (default 4)")
+    _data(sens)
+    sens.add_argument("--out", type=Path, required=True, help="write the sweep JSON here")
+    sens.add_argument("--csv", type=Path, default=None, help="also write the points as CSV")
     fetch = sub.add_parser("fetch", help="fetch and cache the embedded model and corpus")
     fetch.add_argument("--model", default="smollm2-135m", choices=tuple(EMBEDDED))
     export = sub.add_parser("export", help="replay a plan and export the pruned model")
@@ -87,6 +96,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--eval-length", type=int, default=256, help="evaluation window length")
     p.add_argument("--eval-windows", type=int, default=None, help="limit evaluation windows")
+
+
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default=None, help="builtin, generated, FILE, dataset:...")
+    p.add_argument("--evaluation", default=None, help="builtin, FILE, dataset:...")
+    p.add_argument("--calibration-windows", type=int, default=None)
+    p.add_argument("--calibration-length", type=int, default=None)
+    p.add_argument(
+        "--recovery",
+        default=None,
+        help=f"comma-separated recovery steps after pruning: {', '.join(RECOVERY_STEPS)}",
+    )
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError as e:
+        raise ExplorerError(f"--ratios must be numbers separated by commas ({e}).") from e
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -107,7 +135,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "max_ratio": getattr(args, "max_ratio", None),
         "calibration_windows": getattr(args, "calibration_windows", None),
         "calibration_length": getattr(args, "calibration_length", None),
+        "sensitivity_windows": getattr(args, "windows", None),
     }
+    if getattr(args, "ratios", None):
+        overrides["sensitivity_ratios"] = _ratios(args.ratios)
     for key, value in overrides.items():
         if value is not None:
             setattr(plan, key, value)
@@ -181,6 +212,8 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     """Score, resolve, evaluate (and export): prints a report, returns it as a dict."""
     started = time.perf_counter()
     ex = open_explorer(plan, args)
+    if getattr(args, "sensitivity", None):
+        load_sensitivity(ex, plan, args.sensitivity)
     t0 = time.perf_counter()
     sel = _with_bar(f"score ({plan.criterion})", ex.resolve, plan)
     scoring_s = time.perf_counter() - t0
@@ -251,6 +284,40 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     return report
 
 
+def run_sensitivity(plan: Plan, args: argparse.Namespace) -> Sensitivity:
+    """Measure the sweep the plan and ``--kinds`` ask for; write its JSON (and CSV)."""
+    ex = open_explorer(plan, args)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    request = ex.sensitivity_request(plan, kinds)
+    total = len(request.ratios) * len(kinds) * ex.structure.num_layers
+    print(
+        f"sensitivity of {plan.model} under {plan.criterion}: {', '.join(kinds)} at "
+        f"{request.ratios} on {request.windows[0]} x {request.windows[1]} tokens "
+        f"(up to {total} points), live steps: {request.steps or 'none'}"
+    )
+    _with_bar("sensitivity", lambda progress: list(ex.iter_sensitivity(plan, kinds, progress)))
+    sens = ex._sensitivity[request.key]
+    args.out.write_text(sens.to_json())
+    if args.csv:
+        args.csv.write_text(sens.to_csv())
+    print(f"{len(sens.points)} points in {sens.seconds:.1f} s, written to {args.out}")
+    return sens
+
+
+def load_sensitivity(ex: Explorer, plan: Plan, path: Path) -> None:
+    """Use a sweep saved by ``sensitivity --out`` for ``plan``: its grid and windows become the plan's."""
+    if not path.is_file():
+        raise ExplorerError(f"No sensitivity file at {path}. Run `sensitivity --out` first.")
+    sens = Sensitivity.from_dict(json.loads(path.read_text()))
+    if sens.criterion != plan.criterion:
+        raise ExplorerError(
+            f"The sweep in {path} was measured under '{sens.criterion}', the plan uses "
+            f"'{plan.criterion}'. Measure it for this criterion."
+        )
+    plan.sensitivity_ratios, plan.sensitivity_windows = list(sens.ratios), sens.windows[0]
+    ex.add_sensitivity(sens)
+
+
 def fetch(model: str) -> None:
     """Cache an embedded model and the built-in corpus, so later runs need no network."""
     _with_bar("fetch model", load_model, model)
@@ -270,7 +337,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise ExplorerError("export needs --out DIR: the folder to write the model to.")
         if getattr(args, "save_plan", None):
             plan.save(args.save_plan)
-        run(plan, args)
+        if args.command == "sensitivity":
+            run_sensitivity(plan, args)
+        else:
+            run(plan, args)
     except ExplorerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

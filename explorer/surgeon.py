@@ -123,6 +123,37 @@ def surgeon_update(
     return w
 
 
+def column_update(
+    structure: StructureMap,
+    stats: Statistics,
+    layer: int,
+    name: str,
+    weight: torch.Tensor,
+    cols: Sequence[int],
+    damping: float = 0.01,
+) -> torch.Tensor:
+    """Module ``name`` of ``layer`` after the correlated update that removes its columns ``cols``.
+
+    Needs only the damped input covariance A (``UPDATE_NEEDS``): the update the ``surgeon`` step
+    applies to the reader of a removed unit, and the one the live preview applies (float64 out).
+    """
+    return surgeon_update(
+        weight, input_factor(structure, stats, layer, name, damping), None, None, cols
+    )
+
+
+def input_factor(
+    structure: StructureMap, stats: Statistics, layer: int, name: str, damping: float = 0.01
+) -> torch.Tensor:
+    """Damped A of module ``name`` (float64, not kept: the factors are big).
+
+    k/v read q's input and up reads gate's, so their covariance is the one collected there.
+    """
+    f = structure.family
+    source = {f.k: f.q, f.v: f.q, f.up: f.gate}.get(name, name)
+    return damped(stats.cov(structure.path(layer, source)), damping)
+
+
 # -- the factors of one model --------------------------------------------------------------------------
 class Curvature:
     """Damped Kronecker factors and removal costs of every linear module, computed on demand."""
@@ -131,14 +162,10 @@ class Curvature:
         self, model: nn.Module, structure: StructureMap, stats: Statistics, damping: float = 0.01
     ):
         self.model, self.structure, self.stats, self.damping = model, structure, stats, damping
-        f = structure.family
-        self._input_of = {f.k: f.q, f.v: f.q, f.up: f.gate}
         self._costs: dict[tuple[int, str, int], torch.Tensor] = {}
 
     def _a(self, layer: int, name: str) -> torch.Tensor:
-        """Damped A of module ``name`` (float64, not kept: the factors are big)."""
-        source = self.structure.path(layer, self._input_of.get(name, name))
-        return damped(self.stats.cov(source), self.damping)
+        return input_factor(self.structure, self.stats, layer, name, self.damping)
 
     def _g(self, layer: int, name: str) -> torch.Tensor:
         return damped(self.stats.grad_cov(self.structure.path(layer, name)), self.damping)
@@ -251,6 +278,7 @@ def surgeon_prune(
     criterion: str = "surgeon",
     batch_size: int = 1,
     progress: Progress | None = None,
+    stats: Statistics | None = None,
 ) -> tuple[nn.Module, Selection]:
     """Prune a copy of ``model`` to ``target`` in ``shots`` shots; (pruned model, selection).
 
@@ -262,7 +290,8 @@ def surgeon_prune(
     ``shots=1`` is one-shot LLM Surgeon. ``update_rows``: see ``Curvature.apply``. ``criterion``
     scores each shot (a registered name: ``surgeon``'s costs, or e.g. the greedy ``obs``, whose
     order matches the column update; ``damping`` applies to the update). ``model`` itself is left
-    untouched.
+    untouched. ``stats``: the dense model's statistics, used instead of a new pass when one shot
+    to a known selection needs nothing more (the live preview reads the same, so the two agree).
     """
     if shots < 1:
         raise ValueError("shots must be at least 1")
@@ -280,10 +309,11 @@ def surgeon_prune(
             if progress is not None:
                 progress((shot - 1 + fraction) / shots, f"Surgeon shot {shot}/{shots}: {message}")
 
-        with masked(work, s, current):
-            stats = collect_statistics(
-                work, s, windows, needs, batch_size=batch_size, progress=report
-            )
+        if not (one_shot and stats is not None and stats.covers(needs)):
+            with masked(work, s, current):
+                stats = collect_statistics(
+                    work, s, windows, needs, batch_size=batch_size, progress=report
+                )
         curvature = Curvature(work, s, stats, damping)
         if isinstance(target, Selection):
             goal = target
@@ -436,6 +466,7 @@ def _surgeon_step(
         damping=damping,
         update_rows=update_rows,
         progress=ctx.progress,
+        stats=ctx.stats,
     )
     for name, p in updated.named_parameters():
         ctx.pruned.get_parameter(name).copy_(p)
