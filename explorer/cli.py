@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .compensation import split_steps
 from .data import TextSource, builtin_text
 from .errors import ExplorerError
 from .evaluate import perplexity
@@ -220,6 +221,9 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     sizes = ex.sizes(sel)
     dense = _with_bar("dense perplexity", ex.dense_perplexity)
     pruned = _with_bar("pruned perplexity", ex.perplexity, sel)
+    live, later = split_steps(plan.recovery)
+    if live:  # what the app's preview shows for this plan: masks plus the live recovery steps
+        previewed = _with_bar("preview", ex.perplexity, sel, steps=live)
     print_selection(ex, sel)
     block_share = 1 - sizes["block_params_after"] / sizes["block_params_before"]
     all_share = 1 - sizes["params_after"] / sizes["params_before"]
@@ -240,6 +244,9 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         f"perplexity ({ex.evaluation.shape[0]} x {ex.evaluation.shape[1]} tokens): "
         f"dense {dense:.2f} -> pruned {pruned:.2f}"
     )
+    if live:
+        names = ", ".join(e["step"] for e in live)
+        print(f"preview with the live steps ({names}): perplexity {previewed:.2f}")
     pruned_model = None
     if plan.recovery:
         pruned_model, steps = _with_bar("recovery", ex.recover, sel, plan.recovery)
@@ -259,6 +266,8 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
         **sizes,
     }
+    if live:
+        report["perplexity_preview"] = previewed
     if pruned_model is not None:
         report["perplexity_after"] = recovered
         report["perplexity_before_recovery"] = pruned

@@ -141,11 +141,13 @@ def sweep(
     ratios: Sequence[float] = DEFAULT_RATIOS,
     compensation: Compensation | None = None,
     progress: Progress | None = None,
+    layers: Sequence[int] | None = None,
 ) -> Iterator[Point | float]:
     """Yield the dense perplexity, then every measured point as it is measured.
 
     Ratios that resolve to no unit or to every unit of a layer (not a model) are skipped, and a
-    ratio that resolves to the same cut as the previous one repeats its numbers.
+    ratio that resolves to the same cut as the previous one repeats its numbers. ``layers``: only
+    these (default: all).
     """
     s = structure
     for kind in kinds:
@@ -163,7 +165,8 @@ def sweep(
 
     yield live.perplexity(Selection(), compensation, keep_dense)
     tokens = windows.shape[0] * (windows.shape[1] - 1)
-    jobs = [(layer, kind) for layer in range(s.num_layers) for kind in kinds]
+    every = range(s.num_layers) if layers is None else layers
+    jobs = [(layer, kind) for layer in every for kind in kinds]
     grid = {kind: ((1.0,) if kind == "layer" else tuple(ratios)) for kind in kinds}
     total = sum(len(grid[kind]) for _, kind in jobs)
     done = 0

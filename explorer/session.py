@@ -113,7 +113,13 @@ class Explorer:
             needs = crit.needs | Needs(embeddings=hidden and crit.needs.gradients)
             stats = self.statistics(needs, progress) if needs != Needs() else None
             ctx = ScoreContext(
-                self.model, self.structure, stats, reduction=reduction, seed=self.seed, kinds=kinds
+                self.model,
+                self.structure,
+                stats,
+                reduction=reduction,
+                seed=self.seed,
+                kinds=kinds,
+                progress=progress,
             )
             self._scores[key] = crit.score(ctx)
         return self._scores[key]

@@ -197,20 +197,27 @@ class Curvature:
             return None
         return self.costs(*self._linear_names[module], dim).reshape(-1, block).sum(1)
 
-    def scores(self, kinds: Sequence[Kind], device: torch.device) -> Scores:
+    def scores(
+        self, kinds: Sequence[Kind], device: torch.device, progress: Progress | None = None
+    ) -> Scores:
         """Group costs: the sum of their members' row and column costs (a layer: all of them)."""
         s = self.structure
         out: Scores = {}
-        for kind in kinds:
-            if kind == "layer":
-                out[kind] = torch.stack([self._layer_cost(i) for i in range(s.num_layers)])
-            elif kind == "hidden":
-                out[kind] = self._sum_members(s.members("hidden"))
-            else:
-                out[kind] = torch.stack(
-                    [self._sum_members(s.members(kind, i)) for i in range(s.num_layers)]
+        for i, kind in enumerate(kinds):
+            if kind == "hidden":
+                out[kind] = self._sum_members(s.members("hidden")).float().to(device)
+                continue
+            rows = []
+            for layer in range(s.num_layers):
+                if progress is not None:
+                    done = (i + layer / s.num_layers) / len(kinds)
+                    progress(done, f"surgeon: factor inverses, {kind} costs of layer {layer + 1}")
+                rows.append(
+                    self._layer_cost(layer)
+                    if kind == "layer"
+                    else self._sum_members(s.members(kind, layer))
                 )
-            out[kind] = out[kind].float().to(device)
+            out[kind] = torch.stack(rows).float().to(device)
         return out
 
     def _sum_members(self, members) -> torch.Tensor:
@@ -261,7 +268,7 @@ class Curvature:
 
 def _surgeon(ctx: ScoreContext) -> Scores:
     stats = require(ctx, "surgeon", SURGEON_NEEDS)
-    return Curvature(ctx.model, ctx.structure, stats).scores(ctx.kinds, ctx.device)
+    return Curvature(ctx.model, ctx.structure, stats).scores(ctx.kinds, ctx.device, ctx.report)
 
 
 # -- multi-shot ----------------------------------------------------------------------------------------

@@ -28,7 +28,11 @@ LIVE = {
 def session(tiny_llama_dir):
     ws = load_model(str(tiny_llama_dir), device="cpu")
     return Explorer.from_texts(
-        ws, CALIBRATION, EVALUATION, calibration_windows=12, calibration_length=16,
+        ws,
+        CALIBRATION,
+        EVALUATION,
+        calibration_windows=12,
+        calibration_length=16,
         evaluation_length=16,
     )
 

@@ -173,3 +173,20 @@ def test_cli_sensitivity_writes_json_and_csv(tiny_llama_dir, tmp_path, capsys):
         ]
     )
     assert code == 0, capsys.readouterr().err[-300:]
+
+
+def test_every_scoring_phase_reports_progress(tiny_llama_dir):
+    ws = load_model(str(tiny_llama_dir), device="cpu")
+    ex = Explorer.from_texts(
+        ws,
+        CALIBRATION,
+        EVALUATION,
+        calibration_windows=4,
+        calibration_length=16,
+        evaluation_length=16,
+    )
+    for criterion, phase in (("surgeon_greedy", "greedy walk"), ("surgeon", "factor inverses")):
+        messages: list[str] = []
+        ex.scores(criterion, progress=lambda f, m: messages.append(m))
+        assert any("calibration window" in m for m in messages), criterion
+        assert any(phase in m for m in messages), (criterion, messages[-3:])
