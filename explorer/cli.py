@@ -23,6 +23,7 @@ from .evaluate import perplexity
 from .importance import REDUCTIONS, criterion_names
 from .loading import EMBEDDED, cache_root, load_model
 from .plan import Plan
+from .presets import load_preset, preset_names
 from .recovery import RECOVERY_STEPS
 from .selection import Selection
 from .sensitivity import Sensitivity
@@ -93,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"{', '.join(EMBEDDED)}, a hub id, folder, .gguf")
     p.add_argument("--plan", type=Path, default=None, help="a saved plan.json to run")
+    p.add_argument("--preset", choices=preset_names(), default=None, help="a shipped recipe")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--eval-length", type=int, default=256, help="evaluation window length")
@@ -120,7 +122,11 @@ def _ratios(text: str) -> list[float]:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     """The plan file (if any) with the command line's explicit options on top."""
+    if args.plan and args.preset:
+        raise ExplorerError("Give --plan or --preset, not both.")
     plan = Plan.load(args.plan) if args.plan else Plan()
+    if args.preset:
+        plan = load_preset(args.preset)
     overrides = {
         "model": args.model,
         "criterion": getattr(args, "criterion", None),
