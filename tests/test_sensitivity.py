@@ -187,6 +187,6 @@ def test_every_scoring_phase_reports_progress(tiny_llama_dir):
     )
     for criterion, phase in (("surgeon_greedy", "greedy walk"), ("surgeon", "factor inverses")):
         messages: list[str] = []
-        ex.scores(criterion, progress=lambda f, m: messages.append(m))
+        ex.scores(criterion, progress=lambda f, m, seen=messages: seen.append(m))
         assert any("calibration window" in m for m in messages), criterion
         assert any(phase in m for m in messages), (criterion, messages[-3:])
