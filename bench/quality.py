@@ -13,7 +13,9 @@ correlated column update (``surgeon`` step, one shot) applied live: the number E
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +44,8 @@ def texts(source: str, ws, fit_text: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--target", type=float, default=0.2)
+    parser.add_argument("--target", type=float, nargs="+", default=[0.2])
+    parser.add_argument("--sensitivity-windows", type=int, default=4)
     parser.add_argument("--windows", type=int, nargs="+", default=[32])
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--source", nargs="+", default=["lee"], choices=("lee", "generated"))
@@ -51,6 +54,8 @@ def main() -> None:
     parser.add_argument("--max-ratio", type=optional, nargs="+", default=[None])
     parser.add_argument("--criterion", default="surgeon_greedy")
     parser.add_argument("--protect", type=int, nargs="+", default=[1])
+    parser.add_argument("--head-ratio", type=optional, default=0.0, help="none: heads cut too")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.15, 0.3, 0.45, 0.6])
     parser.add_argument("--log", type=Path, default=Path(__file__).parent / "results/quality.jsonl")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -58,7 +63,7 @@ def main() -> None:
     docs = builtin_text("calibration").split("\n\n")
     cut = len(docs) - len(docs) // 10
     fit_text, held_text = "\n\n".join(docs[:cut]), "\n\n".join(docs[cut:])
-    held = token_windows(ws.tokenizer, held_text, 256, 4)
+    lee = token_windows(ws.tokenizer, builtin_text("evaluation"), 256, 20)
     off = token_windows(ws.tokenizer, builtin_text("offdomain"), 256, 20)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     print(machine_line_for(ws), flush=True)
@@ -66,12 +71,15 @@ def main() -> None:
         text = texts(source, ws, fit_text)
         for n in args.windows:
             t0 = time.perf_counter()
+            # The session's own evaluation windows are the held-out slice: the sensitivity sweep
+            # and every choice run there, never on lee.cor.
             ex = Explorer.from_texts(
                 ws,
                 text,
-                builtin_text("evaluation"),
+                held_text,
                 calibration_windows=n,
                 calibration_length=args.length,
+                evaluation_windows=4,
             )
             ex.statistics(get_criterion(args.criterion).needs | UPDATE_NEEDS)
             ex.scores(args.criterion)
@@ -79,21 +87,27 @@ def main() -> None:
             for alloc in args.allocation:
                 for cap in args.max_ratio:
                     for protect in args.protect:
-                        plan = Plan(
-                            criterion=args.criterion,
-                            target=args.target,
-                            allocation=alloc,
-                            head_ratio=0.0,
-                            protect_first=protect,
-                            protect_last=protect,
-                            max_ratio=cap,
-                            calibration_windows=n,
-                            calibration_length=args.length,
-                        )
-                        sel = ex.resolve(plan)
-                        for damping in args.damping:
+                        for damping, target in itertools.product(args.damping, args.target):
                             steps = [{"step": "surgeon", "damping": damping}]
-                            row = measure(ex, sel, steps, held, off)
+                            plan = Plan(
+                                criterion=args.criterion,
+                                target=target,
+                                allocation=alloc,
+                                head_ratio=args.head_ratio,
+                                protect_first=protect,
+                                protect_last=protect,
+                                max_ratio=cap,
+                                calibration_windows=n,
+                                calibration_length=args.length,
+                                recovery=steps,
+                                sensitivity_ratios=args.ratios,
+                                sensitivity_windows=args.sensitivity_windows,
+                            )
+                            t1 = time.perf_counter()
+                            sel = ex.resolve(plan, progress=log)
+                            row = measure(ex, sel, steps, {"lee": lee, "offdomain": off})
+                            row["resolve_s"] = round(time.perf_counter() - t1, 1)
+                            row["plan"] = plan.to_dict()
                             row.update(
                                 source=source,
                                 windows=n,
@@ -102,7 +116,7 @@ def main() -> None:
                                 max_ratio=cap,
                                 protect=protect,
                                 damping=damping,
-                                target=args.target,
+                                target=target,
                                 criterion=args.criterion,
                                 scoring_s=round(score_s, 1),
                             )
@@ -111,10 +125,14 @@ def main() -> None:
                                 f.write(json.dumps(row) + "\n")
 
 
-def measure(ex: Explorer, sel, steps, held, off) -> dict:
+def log(fraction: float, message: str) -> None:
+    print(f"  {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+
+
+def measure(ex: Explorer, sel, steps, others: dict) -> dict:
     """Held-out, lee.cor and off-domain perplexity of ``sel`` with ``steps`` applied live."""
-    out = {}
-    for name, windows in (("heldout", held), ("lee", ex.evaluation), ("offdomain", off)):
+    out = {"heldout": ex.perplexity(sel, steps=steps), "heldout_dense": ex.dense_perplexity()}
+    for name, windows in others.items():
         live = LivePreview(ex.model, ex.structure, windows, batch_size=1)
         out[name] = live.perplexity(sel, ex.compensation(steps))
         out[f"{name}_dense"] = dense(ex, name, windows)
