@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 from _common import machine_line
 
+from explorer.apply.preview import LivePreview
+from explorer.catalogue import CRITERIA
 from explorer.data import builtin_text, self_generated_text, token_windows
 from explorer.evaluate import perplexity
-from explorer.importance import get_criterion
-from explorer.loading import load_model
-from explorer.plan import Plan
-from explorer.preview import LivePreview
+from explorer.model.loading import load_model
+from explorer.planning.plan import Plan
+from explorer.recovery.surgeon import UPDATE_NEEDS
 from explorer.session import Explorer
-from explorer.surgeon import UPDATE_NEEDS
 
 
 def optional(text: str) -> float | None:
@@ -81,7 +81,7 @@ def main() -> None:
                 calibration_length=args.length,
                 evaluation_windows=4,
             )
-            ex.statistics(get_criterion(args.criterion).needs | UPDATE_NEEDS)
+            ex.statistics(CRITERIA[args.criterion].needs | UPDATE_NEEDS)
             ex.scores(args.criterion)
             score_s = time.perf_counter() - t0
             for alloc in args.allocation:
@@ -104,7 +104,7 @@ def main() -> None:
                                 sensitivity_windows=args.sensitivity_windows,
                             )
                             t1 = time.perf_counter()
-                            sel = ex.resolve(plan, progress=log)
+                            sel = ex.select(plan, progress=log)
                             row = measure(ex, sel, steps, {"lee": lee, "offdomain": off})
                             row["resolve_s"] = round(time.perf_counter() - t1, 1)
                             row["plan"] = plan.to_dict()

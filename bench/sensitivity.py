@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from _common import machine_line, open_default, write_result
 
+from explorer.apply.masking import masked
+from explorer.apply.sensitivity import Point, Sensitivity, mean_kl, single_layer_plan, sweep
 from explorer.evaluate import window_nll
-from explorer.masking import masked
-from explorer.plan import Plan, resolve
-from explorer.sensitivity import Point, Sensitivity, mean_kl, single_layer_plan, sweep
+from explorer.planning.plan import Plan, allocate
 
 
 def main() -> None:
@@ -79,7 +79,7 @@ def main() -> None:
         t = time.perf_counter()
         seen: set[str] = set()
         for p in batch:
-            sel = resolve(single_layer_plan(plan, s, p.layer, p.kind, p.ratio), s, scores)
+            sel = allocate(single_layer_plan(plan, s, p.layer, p.kind, p.ratio), s, scores)
             key = json.dumps(sel.to_dict())
             if key in seen:
                 continue

@@ -17,11 +17,12 @@ from pathlib import Path
 import gradio as gr
 
 from explorer.errors import ExplorerError, ExportError
-from explorer.export import export_model
+from explorer.export.report import pruning_report
+from explorer.export.writer import export_model
 
 from .preview import measuring, perplexities
 from .recovery import recover
-from .state import SHARED, SessionState, api, human, resolve, streamed, user_error
+from .state import SHARED, SessionState, api, human, select, streamed, user_error
 
 
 @dataclass
@@ -73,7 +74,7 @@ def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.
     if not (folder or "").strip():
         raise gr.Error("Type the folder to export to.")
     try:
-        selection = resolve(loaded, session.plan, lambda *_: None)
+        selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
         raise user_error(exc) from exc
     plan = session.plan
@@ -86,23 +87,14 @@ def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.
 
     def work(emit):
         dense, pruned = perplexities(loaded, selection, lambda item: emit(measuring(item)), known)
-        report = {
-            "criterion": plan.criterion,
-            "reduction": plan.reduction,
-            "allocation": plan.allocation,
-            "perplexity_before": dense,
-            "perplexity_after": pruned,
-            "recovery": plan.recovery,
-            "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
-            **ex.sizes(selection),
-        }
-        model = None
+        model = recovered_ppl = None
         if plan.recovery:
             done = recovered or recover(loaded, selection, plan.recovery, emit, made_for)
             session.recovered = done
-            report["perplexity_after"] = done.perplexity
-            report["perplexity_before_recovery"] = pruned
+            recovered_ppl = done.perplexity
             model = done.model
+        sizes = ex.sizes(selection)
+        report = pruning_report(plan, sizes, ex.evaluation.shape, dense, pruned, recovered_ppl)
         return export_model(
             ex.model,
             ex.workspace.tokenizer,

@@ -11,7 +11,7 @@ import math
 import numpy as np
 import plotly.graph_objects as go
 
-from explorer.sensitivity import Point, Sensitivity
+from explorer.apply.sensitivity import Point, Sensitivity
 
 METRICS = {"kl": "KL from dense (nats/token)", "perplexity": "perplexity"}
 

@@ -16,31 +16,19 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .compensation import split_steps
-from .data import TextSource, builtin_text
+from .apply.sensitivity import Sensitivity
+from .catalogue import CRITERIA, RECOVERY_STEPS
+from .data import builtin_text, text_source
 from .errors import ExplorerError
 from .evaluate import perplexity
-from .importance import REDUCTIONS, criterion_names
-from .loading import EMBEDDED, cache_root, load_model
-from .plan import Plan
-from .presets import load_preset, preset_names
-from .recovery import RECOVERY_STEPS
-from .selection import Selection
-from .sensitivity import Sensitivity
+from .export.report import pruning_report
+from .model.loading import EMBEDDED, cache_root, load_model
+from .planning.plan import Plan
+from .planning.presets import load_preset, preset_names
+from .planning.selection import Selection
+from .recovery.live import split_steps
+from .scoring.base import REDUCTIONS
 from .session import Explorer
-
-
-def text_source(spec: str) -> dict:
-    """``builtin``, ``generated``, ``dataset:NAME[:CONFIG[:SPLIT[:FIELD]]]`` or a file path."""
-    if spec == "builtin":
-        return {"kind": "builtin"}
-    if spec == "generated":
-        return {"kind": "generated"}
-    if spec.startswith("dataset:"):
-        parts = spec.split(":")[1:]
-        keys = ("name", "config", "split", "field")
-        return {"kind": "dataset", **{k: v for k, v in zip(keys, parts, strict=False) if v}}
-    return {"kind": "file", "path": spec}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     prune = sub.add_parser("prune", help="score, plan, and report perplexity before/after")
     _common(prune)
-    prune.add_argument("--criterion", choices=criterion_names(), default=None)
+    prune.add_argument("--criterion", choices=CRITERIA.names(), default=None)
     prune.add_argument("--reduction", choices=REDUCTIONS, default=None)
     prune.add_argument(
         "--target", type=float, default=None, help="share of decoder-block parameters to remove"
@@ -73,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
         "sensitivity", help="per-layer damage of cutting one layer alone, written as JSON/CSV"
     )
     _common(sens)
-    sens.add_argument("--criterion", choices=criterion_names(), default=None)
+    sens.add_argument("--criterion", choices=CRITERIA.names(), default=None)
     sens.add_argument("--reduction", choices=REDUCTIONS, default=None)
     sens.add_argument("--kinds", default="head,mlp", help="comma-separated: head, kv, mlp, layer")
     sens.add_argument("--ratios", default=None, help="comma-separated grid (default 0.1,...,0.9)")
@@ -155,7 +143,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         spec = getattr(args, key, None)
         if spec is not None:
             setattr(plan, key, text_source(spec))
-    plan.check()
+    plan.check(criteria=CRITERIA)
     return plan
 
 
@@ -181,23 +169,6 @@ def _with_bar(desc: str, fn, *args, **kwargs):
         bar.close()
 
 
-def open_explorer(plan: Plan, args: argparse.Namespace) -> Explorer:
-    """Load the plan's model and data."""
-    ws = _with_bar("load model", load_model, plan.model, dtype=args.dtype, device=args.device)
-    calib = TextSource.from_dict(plan.calibration).resolve("calibration", ws)
-    evaluation = TextSource.from_dict(plan.evaluation).resolve("evaluation", ws)
-    return Explorer.from_texts(
-        ws,
-        calib,
-        evaluation,
-        calibration_windows=plan.calibration_windows,
-        calibration_length=plan.calibration_length,
-        evaluation_length=args.eval_length,
-        evaluation_windows=args.eval_windows,
-        seed=plan.seed,
-    )
-
-
 def print_selection(ex: Explorer, sel: Selection) -> None:
     s = ex.structure
     print("layer  heads kept  kv kept  mlp kept   (removed: heads / mlp channels)")
@@ -215,14 +186,27 @@ def print_selection(ex: Explorer, sel: Selection) -> None:
         print(f"hidden channels removed: {len(sel.hidden)} of {s.hidden}")
 
 
+def open_explorer(plan: Plan, args: argparse.Namespace) -> Explorer:
+    """The plan's model and data, with the command line's evaluation protocol."""
+    return _with_bar(
+        "load model",
+        Explorer.open,
+        plan,
+        dtype=args.dtype,
+        device=args.device,
+        evaluation_length=args.eval_length,
+        evaluation_windows=args.eval_windows,
+    )
+
+
 def run(plan: Plan, args: argparse.Namespace) -> dict:
-    """Score, resolve, evaluate (and export): prints a report, returns it as a dict."""
+    """Score, select, evaluate (and export): prints a report, returns it as a dict."""
     started = time.perf_counter()
     ex = open_explorer(plan, args)
     if getattr(args, "sensitivity", None):
         load_sensitivity(ex, plan, args.sensitivity)
     t0 = time.perf_counter()
-    sel = _with_bar(f"score ({plan.criterion})", ex.resolve, plan)
+    sel = _with_bar(f"score ({plan.criterion})", ex.select, plan)
     scoring_s = time.perf_counter() - t0
     sizes = ex.sizes(sel)
     dense = _with_bar("dense perplexity", ex.dense_perplexity)
@@ -253,7 +237,7 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     if live:
         names = ", ".join(e["step"] for e in live)
         print(f"preview with the live steps ({names}): perplexity {previewed:.2f}")
-    pruned_model = None
+    pruned_model = recovered = None
     if plan.recovery:
         pruned_model, steps = _with_bar("recovery", ex.recover, sel, plan.recovery)
         recovered = _with_bar("recovered perplexity", perplexity, pruned_model, ex.evaluation)
@@ -262,23 +246,13 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         print(f"\nprompt: {args.prompt}")
         print("dense :", ex.generate(Selection(), args.prompt)[0])
         print("pruned:", ex.generate(sel, args.prompt)[0])
-    report = {
-        "criterion": plan.criterion,
-        "reduction": plan.reduction,
-        "perplexity_before": dense,
-        "perplexity_after": pruned,
-        "scoring_seconds": scoring_s,
-        "recovery": plan.recovery,
-        "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
-        **sizes,
-    }
+    report = pruning_report(
+        plan, sizes, ex.evaluation.shape, dense, pruned, recovered, scoring_seconds=scoring_s
+    )
     if live:
         report["perplexity_preview"] = previewed
-    if pruned_model is not None:
-        report["perplexity_after"] = recovered
-        report["perplexity_before_recovery"] = pruned
     if args.out:
-        from .export import export_model
+        from .export.writer import export_model
 
         report["total_seconds"] = time.perf_counter() - started
         result = _with_bar(

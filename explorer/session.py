@@ -2,36 +2,35 @@
 
 The expensive things are computed once and kept: the structure map, the calibration statistics
 (one pass collects what every requested criterion needs; a later criterion re-uses them when they
-cover it), scores per (criterion, reduction), and the dense perplexity. Plans resolve against the
+cover it), scores per (criterion, reduction), and the dense perplexity. Plans are allocated on the
 cached scores, so changing a ratio never re-reads the data.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from .compensation import Compensation, live_needs, split_steps, steps_key
-from .data import ensure_disjoint, token_windows
+from .apply.masking import masked
+from .apply.preview import LivePreview
+from .apply.pruning import prune_model
+from .apply.sensitivity import Point, Sensitivity, sweep
+from .catalogue import CRITERIA, RECOVERY_STEPS
+from .data import TextSource, ensure_disjoint, token_windows
 from .evaluate import PerplexityStep, generate, perplexity, token_logprobs
-from .families import family_for
-from .importance import Needs, ScoreContext, Scores, get_criterion
-from .loading import Workspace
-from .masking import masked
-from .plan import Plan, resolve
-from .preview import LivePreview
-from .pruning import prune_model
-from .recovery import RecoveryContext, run_steps
-from .selection import Selection, flops_per_token, param_counts
-from .sensitivity import Point, Sensitivity, sweep
-from .statistics import Statistics, collect_statistics
-from .structure import StructureMap
-
-Progress = Callable[[float, str], None]
-KINDS = ("head", "kv", "mlp", "layer")  # scored for every plan; hidden channels on demand
+from .model.families import family_for
+from .model.loading import Workspace, load_model
+from .model.structure import StructureMap
+from .planning.plan import Plan, allocate
+from .planning.selection import Selection, flops_per_token, param_counts
+from .progress import Progress
+from .recovery.live import Compensation, live_needs, split_steps, steps_key
+from .recovery.steps import RecoveryContext, run_steps
+from .scoring.base import SCORED_KINDS, ScoreContext, Scores
+from .scoring.statistics import Needs, Statistics, collect_statistics
 
 
 @dataclass
@@ -77,6 +76,46 @@ class Explorer:
         evaluation = token_windows(tok, evaluation_text, evaluation_length, evaluation_windows)
         return cls(workspace, calib, evaluation, seed=seed)
 
+    @classmethod
+    def open(
+        cls,
+        plan: Plan,
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        evaluation_length: int = 256,
+        evaluation_windows: int | None = None,
+        progress: Progress | None = None,
+    ) -> Explorer:
+        """Load the plan's model and read its calibration and evaluation texts.
+
+        The one way into the library from a recipe: the CLI, the app and the benchmarks all open
+        their session here, so they cut the same windows from the same texts. Only the plan's
+        model, texts, window settings and seed are read; ``plan.check`` is the caller's business.
+        """
+        report = progress or (lambda *_: None)
+        report(0.0, f"Loading {plan.model}")
+        workspace = load_model(
+            plan.model,
+            dtype=dtype,
+            device=device,
+            progress=lambda f, message: report(0.6 * f, message),
+        )
+        report(0.65, "Reading calibration text")
+        calibration = TextSource.from_dict(plan.calibration).read("calibration", workspace)
+        report(0.8, "Reading evaluation text")
+        evaluation = TextSource.from_dict(plan.evaluation).read("evaluation", workspace)
+        return cls.from_texts(
+            workspace,
+            calibration,
+            evaluation,
+            calibration_windows=plan.calibration_windows,
+            calibration_length=plan.calibration_length,
+            evaluation_length=evaluation_length,
+            evaluation_windows=evaluation_windows,
+            seed=plan.seed,
+        )
+
     @property
     def model(self):
         return self.workspace.model
@@ -106,8 +145,8 @@ class Explorer:
         Hidden channels are scored only when ``hidden`` asks for them: only plans that cut them
         need those scores.
         """
-        crit = get_criterion(criterion)
-        kinds = KINDS + (("hidden",) if hidden else ())
+        crit = CRITERIA[criterion]
+        kinds = SCORED_KINDS + (("hidden",) if hidden else ())
         key = (criterion, reduction if crit.uses_reduction else "-", kinds)
         if key not in self._scores:
             needs = crit.needs | Needs(embeddings=hidden and crit.needs.gradients)
@@ -124,12 +163,13 @@ class Explorer:
             self._scores[key] = crit.score(ctx)
         return self._scores[key]
 
-    def resolve(self, plan: Plan, progress: Progress | None = None) -> Selection:
-        """The selection ``plan`` gives on this model (a sensitivity plan runs its sweep once)."""
-        plan.check(self.structure.num_layers)
+    def select(self, plan: Plan, progress: Progress | None = None) -> Selection:
+        """The selection ``plan`` gives on this model: its criterion's scores, allocated (a
+        sensitivity plan runs its sweep once)."""
+        plan.check(self.structure.num_layers, CRITERIA)
         scores = self.scores(plan.criterion, plan.reduction, progress, hidden=plan.hidden_ratio > 0)
         sens = self.sensitivity(plan, progress) if plan.allocation == "sensitivity" else None
-        return resolve(plan, self.structure, scores, sens)
+        return allocate(plan, self.structure, scores, sens)
 
     # -- sensitivity --------------------------------------------------------------------------------
     def sensitivity_request(self, plan: Plan, kinds: Sequence[str] | None = None) -> Sensitivity:
@@ -138,7 +178,7 @@ class Explorer:
             attention = "kv" if plan.attention_unit == "kv" else "head"
             kinds = ["mlp"] + ([attention] if plan.head_ratio != 0 else [])
         live, _ = split_steps(plan.recovery)
-        crit = get_criterion(plan.criterion)
+        crit = CRITERIA[plan.criterion]
         n = min(plan.sensitivity_windows, self.evaluation.shape[0])
         return Sensitivity(
             criterion=plan.criterion,
@@ -229,7 +269,7 @@ class Explorer:
     ) -> Iterator[PerplexityStep]:
         """The pruned view's running perplexity, batch by batch, recomputing only what changed.
 
-        ``steps``: the plan's recovery steps; the live ones (``explorer.compensation``) are
+        ``steps``: the plan's recovery steps; the live ones (``explorer.recovery.live``) are
         applied, so the number is the one Export writes when no other step is listed.
         """
         return self.live.run(selection, self.compensation(steps))
@@ -277,7 +317,7 @@ class Explorer:
         ctx = RecoveryContext(
             self.model, pruned, self.structure, selection, self.calibration, self._stats, progress
         )
-        return pruned, run_steps(steps, ctx)
+        return pruned, run_steps(steps, ctx, RECOVERY_STEPS)
 
     def sizes(self, selection: Selection, context: int | None = None) -> dict[str, float]:
         """Parameter counts and FLOPs per token before and after ``selection``."""
