@@ -15,7 +15,8 @@ import gradio as gr
 
 from explorer.catalogue import CRITERIA
 from explorer.errors import ExplorerError, PlanError
-from explorer.planning.plan import Plan
+from explorer.planning.plan import ALLOCATIONS, Plan
+from explorer.planning.presets import TITLES, load_preset, preset_names
 from explorer.planning.selection import Selection, layer_params
 from explorer.scoring.base import REDUCTIONS
 
@@ -53,6 +54,7 @@ class PlanPanel:
     info: gr.JSON
     save: gr.DownloadButton
     load: gr.UploadButton
+    preset: gr.Dropdown
 
     @property
     def controls(self) -> list:
@@ -79,11 +81,12 @@ def build() -> PlanPanel:
     plan = Plan()
     with gr.Row():
         allocation = gr.Radio(
-            ["uniform", "per_layer", "global"],
+            list(ALLOCATIONS),
             value=plan.allocation,
             label="Allocation",
             info="uniform: the same cut in every unprotected layer; global: cheapest units "
-            "first across layers; per_layer: the table below.",
+            "first across layers; sensitivity: the least measured damage (runs the sweep "
+            "below); per_layer: the table below.",
             elem_id="plan-allocation",
             scale=3,
         )
@@ -134,6 +137,13 @@ def build() -> PlanPanel:
     with gr.Row():
         save = gr.DownloadButton("Save plan JSON", elem_id="plan-save")
         load = gr.UploadButton("Load plan JSON", file_types=[".json"], elem_id="plan-load")
+        preset = gr.Dropdown(
+            [TITLES[name] for name in preset_names()],
+            value=None,
+            label="Preset: fill the plan with a named recipe",
+            elem_id="plan-preset",
+            scale=2,
+        )
     info = gr.JSON(visible=False, elem_id="plan-info")
     return PlanPanel(
         allocation,
@@ -151,6 +161,7 @@ def build() -> PlanPanel:
         info,
         save,
         load,
+        preset,
     )
 
 
@@ -365,16 +376,22 @@ def edit_table(
     table,
     progress=TRACK,
 ):
-    """A table edit: an edited ratio turns a uniform/global plan into a per-layer one."""
+    """A table edit: an edited ratio turns the plan into a per-layer one, for good.
+
+    The allocation comes from the session's plan, not from the radio's value sent with the
+    event: an edit queued behind the one that switched the plan to per-layer still carries the
+    old allocation, and taking it turned the plan back (the edit "reverted" seconds later). A
+    cell that is not a number is refused while the plan, and so every other cell, stays as it
+    was.
+    """
     loaded = SHARED.get(session.model_key)
-    if allocation != "per_layer":
-        shown, _ = evaluate_plan(loaded, session.plan, progress)
-        if shown is not None:
-            try:
-                if _differs(table, *ratios_of(loaded, shown)):
-                    allocation = "per_layer"
-            except PlanError as exc:
-                return render(session, None, str(exc))
+    shown, _ = evaluate_plan(loaded, session.plan, progress)
+    try:
+        _column(table, 1, float), _column(table, 2, float)
+    except PlanError as exc:
+        return render(session, shown, str(exc))
+    edited = shown is not None and _differs(table, *ratios_of(loaded, shown))
+    allocation = "per_layer" if edited else session.plan.allocation
     return apply(
         session,
         allocation,
@@ -408,14 +425,43 @@ def show(session: SessionState, progress=TRACK):
 
 def load_plan(session: SessionState, path: str | None, progress=TRACK):
     """A plan file from the user: refused with a readable error, the current plan kept."""
-    loaded = SHARED.get(session.model_key)
     try:
         if not path:
             raise PlanError("No file was uploaded. Choose a plan .json file.")
         plan = Plan.load(path)
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    return use_plan(session, plan, progress)
+
+
+def choose_preset(session: SessionState, title: str, progress=TRACK):
+    """A shipped recipe from the preset menu (the same file ``--preset`` replays)."""
+    names = {TITLES[name]: name for name in preset_names()}
+    try:
+        if title not in names:
+            raise PlanError(f"Unknown preset '{title}'. Choose one from the menu.")
+        plan = load_preset(names[title])
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    return use_plan(session, plan, progress)
+
+
+def use_plan(session: SessionState, plan: Plan, progress=TRACK):
+    """Make ``plan`` the session's, on the loaded model and text (warning where they differ)."""
+    loaded = SHARED.get(session.model_key)
+    try:
         plan.check(loaded.structure.num_layers)
     except ExplorerError as exc:
         raise user_error(exc) from exc
+    ex = loaded.explorer
+    amount = (plan.calibration_windows, plan.calibration_length)
+    if amount != tuple(ex.calibration.shape):
+        gr.Warning(
+            f"The plan calibrates on {amount[0]} x {amount[1]} tokens; the loaded session uses "
+            f"{ex.calibration.shape[0]} x {ex.calibration.shape[1]}. Set the calibration amount "
+            "on the Model tab and load again for the plan's own number."
+        )
+    plan.calibration_windows, plan.calibration_length = ex.calibration.shape
     source = loaded.summary["source"]
     if plan.model != source:
         gr.Warning(f"The plan was made for {plan.model}; it is applied to {source}.")
@@ -456,6 +502,15 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
             **api("edit_table"),
             trigger_mode="always_last",
             show_progress_on=[panel.counters],
+        )
+    )
+    events.append(
+        panel.preset.input(
+            choose_preset,
+            [session, panel.preset],
+            outputs,
+            show_progress_on=[panel.counters],
+            **api("choose_preset"),
         )
     )
     events.append(

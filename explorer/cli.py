@@ -285,7 +285,7 @@ def run_sensitivity(plan: Plan, args: argparse.Namespace) -> Sensitivity:
         f"(up to {total} points), live steps: {request.steps or 'none'}"
     )
     _with_bar("sensitivity", lambda progress: list(ex.iter_sensitivity(plan, kinds, progress)))
-    sens = ex._sensitivity[request.key]
+    sens = ex.known_sensitivity(plan, kinds)
     args.out.write_text(sens.to_json())
     if args.csv:
         args.csv.write_text(sens.to_csv())

@@ -223,10 +223,15 @@ class Explorer:
 
     def sensitivity(self, plan: Plan, progress: Progress | None = None) -> Sensitivity:
         """The complete sweep ``plan`` asks for (measured once, then cached)."""
-        request = self.sensitivity_request(plan)
         for _ in self.iter_sensitivity(plan, progress=progress):
             pass
-        return self._sensitivity[request.key]
+        return self.known_sensitivity(plan)
+
+    def known_sensitivity(
+        self, plan: Plan, kinds: Sequence[str] | None = None
+    ) -> Sensitivity | None:
+        """The sweep ``plan`` asks for if it was measured already (nothing is measured)."""
+        return self._sensitivity.get(self.sensitivity_request(plan, kinds).key)
 
     def add_sensitivity(self, sens: Sensitivity) -> None:
         """Use a sweep measured before (e.g. loaded from the CLI's JSON) instead of measuring."""

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from explorer.planning.plan import Plan
+
 # Before gradio (or the hub client) is imported anywhere in the test process.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -91,7 +93,9 @@ def app_url(outbound) -> Iterator[str]:
     """The app, on a free loopback port, for the whole test run."""
     import app
 
-    demo = app.build_app(eval_windows=EVAL_WINDOWS, calibration_windows=CALIBRATION_WINDOWS)
+    demo = app.build_app(
+        default_plan=Plan(), eval_windows=EVAL_WINDOWS, calibration_windows=CALIBRATION_WINDOWS
+    )
     port = free_port()
     app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     try:
