@@ -16,23 +16,12 @@ from explorer.model.loading import load_model
 from explorer.planning.plan import Plan, allocate
 from explorer.planning.selection import param_counts
 from explorer.session import Explorer
-from tests.conftest import SENTENCES
-
-CALIBRATION = "\n\n".join(SENTENCES[:3] * 40)
-EVALUATION = "\n\n".join(SENTENCES[3:] * 12)
+from tests.conftest import CALIBRATION, EVALUATION
 
 
-@pytest.fixture(scope="module")
-def session(tiny_llama_dir):
-    ws = load_model(str(tiny_llama_dir), device="cpu")
-    return Explorer.from_texts(
-        ws,
-        CALIBRATION,
-        EVALUATION,
-        calibration_windows=12,
-        calibration_length=16,
-        evaluation_length=16,
-    )
+@pytest.fixture
+def session(tiny_session):
+    return tiny_session
 
 
 @pytest.mark.parametrize("steps", [[], [{"step": "surgeon"}]])
@@ -111,67 +100,23 @@ def test_sensitivity_plan_needs_a_sweep_and_round_trips(session):
     assert Plan.from_dict(old).sensitivity_metric == "kl"  # plans saved before still load
 
 
-def test_cli_sensitivity_writes_json_and_csv(tiny_llama_dir, tmp_path, capsys):
-    calib, evaluation = tmp_path / "c.txt", tmp_path / "e.txt"
-    calib.write_text(CALIBRATION)
-    evaluation.write_text(EVALUATION)
+def test_cli_sensitivity_writes_json_and_csv(tiny_llama_dir, texts, tmp_path, capsys):
+    calib, evaluation = texts
     out = tmp_path / "sens.json"
-    code = main(
-        [
-            "sensitivity",
-            "--model",
-            str(tiny_llama_dir),
-            "--criterion",
-            "l2",
-            "--kinds",
-            "head,mlp",
-            "--ratios",
-            "0.25,0.5",
-            "--windows",
-            "2",
-            "--calibration",
-            str(calib),
-            "--evaluation",
-            str(evaluation),
-            "--eval-length",
-            "16",
-            "--calibration-length",
-            "16",
-            "--out",
-            str(out),
-            "--csv",
-            str(tmp_path / "sens.csv"),
-        ]
-    )
+    data = ["--model", str(tiny_llama_dir), "--criterion", "l2", "--eval-length", "16"]
+    data += ["--calibration", str(calib), "--evaluation", str(evaluation)]
+    data += ["--calibration-length", "16"]
+    sweep_args = ["--kinds", "head,mlp", "--ratios", "0.25,0.5", "--windows", "2"]
+    sweep_args += ["--out", str(out), "--csv", str(tmp_path / "sens.csv")]
+    code = main(["sensitivity", *data, *sweep_args])
     assert code == 0, capsys.readouterr().err[-300:]
     sens = Sensitivity.from_dict(json.loads(out.read_text()))
     assert {p.kind for p in sens.points} == {"head", "mlp"} and sens.windows[0] == 2
     rows = (tmp_path / "sens.csv").read_text().splitlines()
     assert rows[0].startswith("layer,kind,ratio") and len(rows) == len(sens.points) + 1
     # the prune command replays it: a sensitivity plan from the saved sweep
-    code = main(
-        [
-            "prune",
-            "--model",
-            str(tiny_llama_dir),
-            "--criterion",
-            "l2",
-            "--allocation",
-            "sensitivity",
-            "--sensitivity",
-            str(out),
-            "--target",
-            "0.2",
-            "--calibration",
-            str(calib),
-            "--evaluation",
-            str(evaluation),
-            "--eval-length",
-            "16",
-            "--calibration-length",
-            "16",
-        ]
-    )
+    replay = ["--allocation", "sensitivity", "--sensitivity", str(out), "--target", "0.2"]
+    code = main(["prune", *data, *replay])
     assert code == 0, capsys.readouterr().err[-300:]
 
 

@@ -9,14 +9,9 @@ import pytest
 from explorer.apply.preview import LivePreview
 from explorer.evaluate import perplexity
 from explorer.export.writer import export_model, load_pruned
-from explorer.model.loading import load_model
 from explorer.planning.selection import Selection
 from explorer.recovery.live import split_steps
-from explorer.session import Explorer
-from tests.conftest import SENTENCES
 
-CALIBRATION = "\n\n".join(SENTENCES[:3] * 40)
-EVALUATION = "\n\n".join(SENTENCES[3:] * 12)
 LIVE = {
     "surgeon": [{"step": "surgeon", "damping": 0.01}],
     "flap_bias": [{"step": "flap_bias"}],
@@ -24,17 +19,9 @@ LIVE = {
 }
 
 
-@pytest.fixture(scope="module")
-def session(tiny_llama_dir):
-    ws = load_model(str(tiny_llama_dir), device="cpu")
-    return Explorer.from_texts(
-        ws,
-        CALIBRATION,
-        EVALUATION,
-        calibration_windows=12,
-        calibration_length=16,
-        evaluation_length=16,
-    )
+@pytest.fixture
+def session(tiny_session):
+    return tiny_session
 
 
 def plan_selection(s, layer1_mlp: int) -> Selection:
