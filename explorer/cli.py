@@ -328,7 +328,7 @@ def check_outputs(plan: Plan, args: argparse.Namespace) -> None:
         raise ExplorerError(
             f"--save-plan {save}: the folder '{save.parent}' does not exist. Create it first."
         )
-    if args.out:
+    if args.command != "sensitivity" and args.out:  # sensitivity's --out is a JSON file
         check_target(args.out, plan.model, args.overwrite)
 
 
