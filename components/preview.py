@@ -239,9 +239,9 @@ def stopped() -> str:
 
 
 # -- generation ---------------------------------------------------------------------------------------
-def continuation(ex, selection: Selection, prompt: str, **kwargs) -> tuple[torch.Tensor, int]:
+def continuation(explorer, selection: Selection, prompt: str, **kwargs) -> tuple[torch.Tensor, int]:
     """All token ids (prompt + continuation) of one view, and where the continuation starts."""
-    _, ids, prompt_length = ex.generate(selection, prompt, **kwargs)
+    _, ids, prompt_length = explorer.generate(selection, prompt, **kwargs)
     return ids, prompt_length
 
 
