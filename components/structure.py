@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 
 from explorer.model.structure import Group, Kind, StructureMap
 
-from .state import SHARED, SessionState, api, human
+from .state import SHARED, SessionState, api, handler, human
 
 KIND_TITLES: dict[str, str] = {
     "head": "Query head",
@@ -62,6 +62,15 @@ def build() -> StructurePanel:
         "(or pick it below) to highlight everything coupled to it and list the slices one unit "
         "owns. Collapsed layers are one orange node each."
     )
+    # Created first, shown below: creation order is the order of /select_node's parameters.
+    node = gr.Dropdown(
+        [],
+        label="Selected node",
+        elem_id="structure-node",
+        scale=3,
+        allow_custom_value=True,
+        render=False,
+    )
     with gr.Row():
         expanded = gr.Dropdown(
             [],
@@ -74,9 +83,7 @@ def build() -> StructurePanel:
         only_expanded = gr.Checkbox(label="Hide collapsed layers", value=False, scale=1)
     plot = gr.Plot(label="Dependency graph", elem_id="structure-graph")
     with gr.Row():
-        node = gr.Dropdown(
-            [], label="Selected node", elem_id="structure-node", scale=3, allow_custom_value=True
-        )
+        node.render()
         toggle = gr.Button("Expand / collapse its layer", scale=1, elem_id="structure-toggle")
     click = gr.Textbox(visible="hidden", elem_id="structure-click")
     details = gr.Markdown(elem_id="structure-details")
@@ -382,8 +389,11 @@ def parse_layers(values: list | None) -> set[int]:
     return {int(v) for v in values or []}
 
 
-def refresh(session: SessionState, expanded: list | None, show_hidden: bool, only_expanded: bool):
+def refresh(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     """Redraw for the session's model; on a new model, offer its layers and nodes."""
+    session: SessionState = values[state]
+    expanded = values[panel.expanded]
+    show_hidden, only_expanded = values[panel.show_hidden], values[panel.only_expanded]
     s = SHARED.get(session.model_key).structure
     layers = [str(i) for i in range(s.num_layers)]
     chosen = [v for v in (expanded or []) if v in layers] or ["0", layers[-1]]
@@ -396,20 +406,23 @@ def refresh(session: SessionState, expanded: list | None, show_hidden: bool, onl
         show_hidden=show_hidden,
         only_expanded=only_expanded,
     )
-    return (
-        gr.Dropdown(choices=layers, value=chosen),
-        fig,
-        gr.Dropdown(choices=nodes, value=selected),
-        node_details(s, selected) if selected else "Click a node to see what it is coupled to.",
-    )
+    return {
+        panel.expanded: gr.Dropdown(choices=layers, value=chosen),
+        panel.plot: fig,
+        panel.node: gr.Dropdown(choices=nodes, value=selected),
+        panel.details: node_details(s, selected)
+        if selected
+        else "Click a node to see what it is coupled to.",
+    }
 
 
-def select_node(
-    session: SessionState, node: str, expanded: list | None, show_hidden: bool, only_expanded: bool
-):
+def select_node(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     """A node chosen by click (``node|nonce`` from the JS bridge) or from the list."""
+    session: SessionState = values[state]
+    expanded = values[panel.expanded]
+    show_hidden, only_expanded = values[panel.show_hidden], values[panel.only_expanded]
     s = SHARED.get(session.model_key).structure
-    node = (node or "").split("|")[0]
+    node = (values.get(panel.click) or values.get(panel.node) or "").split("|")[0]
     known = node in s.graph.nodes or (node.startswith("L") and node[1:].isdigit())
     if not known:
         raise gr.Error(f"There is no node '{node}' in this model. Pick one from the list.")
@@ -421,11 +434,18 @@ def select_node(
         show_hidden=show_hidden,
         only_expanded=only_expanded,
     )
-    return session, fig, gr.Dropdown(value=node), node_details(s, node)
+    return {
+        state: session,
+        panel.plot: fig,
+        panel.node: gr.Dropdown(value=node),
+        panel.details: node_details(s, node),
+    }
 
 
-def toggle_layer(session: SessionState, expanded: list | None) -> tuple[SessionState, list[str]]:
+def toggle_layer(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     """Expand the selected node's layer, or collapse it when it is already expanded."""
+    session: SessionState = values[state]
+    expanded = values[panel.expanded]
     s = SHARED.get(session.model_key).structure
     node = session.node
     if node is None:
@@ -441,31 +461,32 @@ def toggle_layer(session: SessionState, expanded: list | None) -> tuple[SessionS
         session.node = None
     else:
         session.node = f"L{layer}"
-    return session, sorted((str(i) for i in chosen), key=int)
+    return {state: session, panel.expanded: sorted((str(i) for i in chosen), key=int)}
 
 
 def wire(panel: StructurePanel, session: gr.State) -> None:
-    view = [panel.expanded, panel.show_hidden, panel.only_expanded]
+    view = {session, panel.expanded, panel.show_hidden, panel.only_expanded}
     redraw = [panel.expanded, panel.plot, panel.node, panel.details]
-    for control in view:
-        control.input(refresh, [session, *view], redraw, **api(None))
+    draw, pick = handler(refresh, panel, session), handler(select_node, panel, session)
+    for control in (panel.expanded, panel.show_hidden, panel.only_expanded):
+        control.input(draw, view, redraw, **api(None))
     selected = [session, panel.plot, panel.node, panel.details]
     shown = {"show_progress_on": [panel.details]}
-    panel.node.input(
-        select_node, [session, panel.node, *view], selected, **shown, **api("select_node")
-    )
-    panel.click.change(select_node, [session, panel.click, *view], selected, **shown, **api(None))
+    panel.node.input(pick, {*view, panel.node}, selected, **shown, **api("select_node"))
+    panel.click.change(pick, {*view, panel.click}, selected, **shown, **api(None))
     panel.toggle.click(
-        toggle_layer, [session, panel.expanded], [session, panel.expanded], **api(None)
-    ).then(refresh, [session, *view], redraw, **api(None))
+        handler(toggle_layer, panel, session),
+        {session, panel.expanded},
+        [session, panel.expanded],
+        **api(None),
+    ).then(draw, view, redraw, **api(None))
 
 
 def refresh_event(panel: StructurePanel, session: gr.State, after, name: str | None = None) -> None:
     """Redraw once a model is (re)loaded."""
-    view = [panel.expanded, panel.show_hidden, panel.only_expanded]
     after.success(
-        refresh,
-        [session, *view],
+        handler(refresh, panel, session),
+        {session, panel.expanded, panel.show_hidden, panel.only_expanded},
         [panel.expanded, panel.plot, panel.node, panel.details],
         **api(name),
     )
