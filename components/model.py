@@ -174,6 +174,7 @@ def load(
             evaluation,
             settings,
             gradio_progress(progress),
+            session.policy,
         )
     except ExplorerError as exc:
         raise user_error(exc) from exc

@@ -218,8 +218,22 @@ def table_rows(loaded: Loaded, plan: Plan, selection: Selection | None) -> list[
     return rows
 
 
+def _rows(table) -> list:
+    return table.values.tolist() if hasattr(table, "values") else list(table or [])
+
+
+def check_rows(table, num_layers: int) -> None:
+    """Refuse a table (from an API client, say) without one full row per layer."""
+    rows = _rows(table)
+    if len(rows) != num_layers or any(len(row) < 4 for row in rows):
+        raise PlanError(
+            f"The per-layer table has {len(rows)} rows; the model has {num_layers} layers. "
+            "Send one row per layer (layer, head ratio, MLP ratio, remove)."
+        )
+
+
 def _column(table, index: int, cast) -> list:
-    rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
+    rows = _rows(table)
     out = []
     for row in rows:
         value = row[index]
@@ -329,6 +343,10 @@ def edit_table(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) 
     """A table edit: an edited ratio turns a uniform/global plan into a per-layer one."""
     session = values[state]
     loaded = SHARED.get(session.model_key)
+    try:
+        check_rows(values[panel.table], loaded.structure.num_layers)
+    except PlanError as exc:
+        return render(panel, state, session, None, str(exc))
     allocation = values[panel.allocation]
     if allocation != "per_layer":
         shown, _ = evaluate_plan(loaded, session.plan, progress)
@@ -345,6 +363,7 @@ def _apply(panel: PlanPanel, state: gr.State, values: dict, allocation: str, pro
     session = values[state]
     loaded = SHARED.get(session.model_key)
     try:
+        check_rows(values[panel.table], loaded.structure.num_layers)
         session.plan = panel.read({**values, panel.allocation: allocation}, session.plan)
         session.plan.check(loaded.structure.num_layers, CRITERIA)
     except PlanError as exc:

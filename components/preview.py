@@ -213,7 +213,7 @@ def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.
     dense, pruned = loaded.dense_ppl, None
     work = lambda emit: perplexities(loaded, selection, emit)  # noqa: E731
     try:
-        for kind, value in streamed(work, getattr(request, "session_hash", None)):
+        for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "done":
                 dense, pruned = value
                 session.pruned_ppl, session.preview_plan = pruned, pruning
@@ -282,6 +282,7 @@ def generate(panel: PreviewPanel, state: gr.State, values: dict, progress=TRACK)
     }
     report = gradio_progress(progress)
     try:
+        session.policy.check_generation(prompt, options["max_new_tokens"])
         selection = select(loaded, session.plan, report)
         ex = loaded.explorer
         with SHARED.lock:

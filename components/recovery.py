@@ -253,6 +253,7 @@ def run_recovery(panel: RecoverPanel, state: gr.State, values: dict, request: gr
         steps = recipe(values[panel.steps], form, session.plan.recovery)
         if not steps:
             raise PlanError("No recovery step is chosen. Choose at least one from the list.")
+        session.policy.check_recovery(steps)
         session.plan.recovery = steps
         selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
@@ -273,7 +274,7 @@ def run_recovery(panel: RecoverPanel, state: gr.State, values: dict, request: gr
         panel.losses: None,
     }
     try:
-        for kind, value in streamed(work, getattr(request, "session_hash", None)):
+        for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "item":
                 yield {state: session, panel.status: status(value)}
                 continue
