@@ -68,11 +68,14 @@ def test_a_bad_cell_is_refused_and_every_other_cell_keeps_its_value(client):
 def test_a_result_for_another_plan_is_marked_stale_at_once():
     session = SessionState(plan=Plan())
     session.preview_plan = preview_panel.preview_key(session)
+    panel = SimpleNamespace(auto="auto", status="status")
+    values = {"state": session, "auto": False}
     request = SimpleNamespace(session_hash=None)
-    assert preview_panel.STALE not in str(list(preview_panel.auto_preview(session, False, request)))
+    updates = list(preview_panel.auto_preview(panel, "state", values, request))
+    assert preview_panel.STALE not in str(updates)
     session.plan.target = 0.3
-    first = next(preview_panel.auto_preview(session, False, request))
-    assert preview_panel.STALE in first[3]
+    first = next(preview_panel.auto_preview(panel, "state", values, request))
+    assert preview_panel.STALE in first["status"]
 
 
 @pytest.mark.real
