@@ -22,7 +22,7 @@ from explorer.export.writer import export_model
 
 from .preview import measuring, perplexities
 from .recovery import recover
-from .state import SHARED, SessionState, api, human, select, streamed, user_error
+from .state import SHARED, SessionState, api, handler, human, select, streamed, user_error
 
 
 @dataclass
@@ -69,8 +69,10 @@ def checklist(done: list[str], current: str | None, failed: str | None = None) -
     return f'<ul class="pe-checks">{"".join(items)}</ul>'
 
 
-def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.Request):
+def run_export(panel: ExportPanel, state: gr.State, values: dict, request: gr.Request):
     """Stream the checks as they pass; end with the report and the plan/report downloads."""
+    session: SessionState = values[state]
+    folder, overwrite = values[panel.folder], values[panel.overwrite]
     loaded = SHARED.get(session.model_key)
     if not (folder or "").strip():
         raise gr.Error("Type the folder to export to.")
@@ -122,12 +124,16 @@ def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.
             if current is not None and _step(current) != _step(value):
                 done.append(current)
             current = value
-            yield checklist(done, current), gr.skip(), gr.skip()
+            yield {panel.checks: checklist(done, current)}
         else:
-            yield checklist(done, None, "Stopped."), None, None
+            yield {
+                panel.checks: checklist(done, None, "Stopped."),
+                panel.report: None,
+                panel.files: None,
+            }
             return
     except ExportError as exc:
-        yield checklist(done, None, str(exc)), None, None
+        yield {panel.checks: checklist(done, None, str(exc)), panel.report: None, panel.files: None}
         raise user_error(exc) from exc
     except ExplorerError as exc:
         raise user_error(exc) from exc
@@ -138,7 +144,11 @@ def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.
         f"{human(result.params_before)} → {human(result.params_after)} parameters"
         + (" (load with trust_remote_code=True)" if result.remote_code else "")
     )
-    yield checklist(done, None), result.report, downloads(session, result.path)
+    yield {
+        panel.checks: checklist(done, None),
+        panel.report: result.report,
+        panel.files: downloads(session, result.path),
+    }
 
 
 def _step(message: str) -> str:
@@ -159,8 +169,8 @@ def downloads(session: SessionState, folder: Path) -> list[str]:
 
 def wire(panel: ExportPanel, session: gr.State) -> None:
     panel.run.click(
-        run_export,
-        [session, panel.folder, panel.overwrite],
+        handler(run_export, panel, session),
+        {session, panel.folder, panel.overwrite},
         [panel.checks, panel.report, panel.files],
         show_progress_on=[panel.report],
         **api("export"),

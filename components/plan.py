@@ -15,7 +15,8 @@ import gradio as gr
 
 from explorer.catalogue import CRITERIA
 from explorer.errors import ExplorerError, PlanError
-from explorer.planning.plan import Plan
+from explorer.planning.plan import ALLOCATIONS, Plan
+from explorer.planning.presets import TITLES, load_preset, preset_names
 from explorer.planning.selection import Selection, layer_params
 from explorer.scoring.base import REDUCTIONS
 
@@ -26,6 +27,7 @@ from .state import (
     SessionState,
     api,
     gradio_progress,
+    handler,
     human,
     select,
     status,
@@ -53,6 +55,7 @@ class PlanPanel:
     info: gr.JSON
     save: gr.DownloadButton
     load: gr.UploadButton
+    preset: gr.Dropdown
 
     @property
     def controls(self) -> list:
@@ -74,16 +77,41 @@ class PlanPanel:
         """What every plan change redraws (the session state is prepended by ``wire``)."""
         return [*self.controls, self.counters, self.status, self.info, self.save]
 
+    def read(self, values: dict, base: Plan) -> Plan:
+        """``base`` with the panel's values (a handler's input dict); table ratios count only for
+        per_layer, and ``allocation`` overrides the radio's (an edited table switches it)."""
+        allocation = values[self.allocation]
+        table = values[self.table]
+        removed = _column(table, 3, bool)
+        per_layer = allocation == "per_layer"
+        return replace(
+            base,
+            allocation=allocation,
+            criterion=values[self.criterion],
+            reduction=values[self.reduction],
+            target=float(values[self.target]),
+            attention_unit=values[self.attention_unit],
+            protect_first=int(values[self.protect_first] or 0),
+            protect_last=int(values[self.protect_last] or 0),
+            round_to=int(values[self.round_to]),
+            remove_layers=[i for i, r in enumerate(removed) if r],
+            head_ratio=0.0 if values[self.keep_heads] and not per_layer else None,
+            mlp_ratio=None,
+            head_ratios=_column(table, 1, float) if per_layer else None,
+            mlp_ratios=_column(table, 2, float) if per_layer else None,
+        )
+
 
 def build() -> PlanPanel:
     plan = Plan()
     with gr.Row():
         allocation = gr.Radio(
-            ["uniform", "per_layer", "global"],
+            list(ALLOCATIONS),
             value=plan.allocation,
             label="Allocation",
             info="uniform: the same cut in every unprotected layer; global: cheapest units "
-            "first across layers; per_layer: the table below.",
+            "first across layers; sensitivity: the least measured damage (runs the sweep "
+            "below); per_layer: the table below.",
             elem_id="plan-allocation",
             scale=3,
         )
@@ -103,16 +131,19 @@ def build() -> PlanPanel:
             scale=3,
         )
         attention_unit = gr.Radio(["head", "kv"], value=plan.attention_unit, label="Attention unit")
+        # Created here, shown in the next row: creation order is the API's parameter order.
+        protect_first, protect_last = (
+            gr.Number(
+                value, precision=0, minimum=0, label=f"Protect the {end} N layers", render=False
+            )
+            for end, value in (("first", plan.protect_first), ("last", plan.protect_last))
+        )
         round_to = gr.Dropdown(
             [1, 8, 32, 64], value=plan.round_to, label="Keep MLP width a multiple of"
         )
     with gr.Row():
-        protect_first = gr.Number(
-            plan.protect_first, precision=0, minimum=0, label="Protect the first N layers"
-        )
-        protect_last = gr.Number(
-            plan.protect_last, precision=0, minimum=0, label="Protect the last N layers"
-        )
+        protect_first.render()
+        protect_last.render()
         keep_heads = gr.Checkbox(
             value=plan.head_ratio == 0,
             label="Keep every attention head (cut MLP channels only)",
@@ -134,6 +165,13 @@ def build() -> PlanPanel:
     with gr.Row():
         save = gr.DownloadButton("Save plan JSON", elem_id="plan-save")
         load = gr.UploadButton("Load plan JSON", file_types=[".json"], elem_id="plan-load")
+        preset = gr.Dropdown(
+            [TITLES[name] for name in preset_names()],
+            value=None,
+            label="Preset: fill the plan with a named recipe",
+            elem_id="plan-preset",
+            scale=2,
+        )
     info = gr.JSON(visible=False, elem_id="plan-info")
     return PlanPanel(
         allocation,
@@ -151,6 +189,7 @@ def build() -> PlanPanel:
         info,
         save,
         load,
+        preset,
     )
 
 
@@ -221,41 +260,7 @@ def _column(table, index: int, cast) -> list:
     return out
 
 
-# -- building and applying a plan ---------------------------------------------------------------------
-def plan_from_controls(
-    base: Plan,
-    allocation: str,
-    criterion: str,
-    reduction: str,
-    target: float,
-    attention_unit: str,
-    protect_first: float | None,
-    protect_last: float | None,
-    round_to: int,
-    keep_heads: bool,
-    table,
-) -> Plan:
-    """The session's plan with the panel's values; table ratios count only for per_layer."""
-    removed = _column(table, 3, bool)
-    plan = replace(
-        base,
-        allocation=allocation,
-        criterion=criterion,
-        reduction=reduction,
-        target=float(target),
-        attention_unit=attention_unit,
-        protect_first=int(protect_first or 0),
-        protect_last=int(protect_last or 0),
-        round_to=int(round_to),
-        remove_layers=[i for i, r in enumerate(removed) if r],
-        head_ratio=0.0 if keep_heads and allocation != "per_layer" else None,
-        mlp_ratio=None,
-        head_ratios=_column(table, 1, float) if allocation == "per_layer" else None,
-        mlp_ratios=_column(table, 2, float) if allocation == "per_layer" else None,
-    )
-    return plan
-
-
+# -- applying a plan ---------------------------------------------------------------------------------
 def evaluate_plan(
     loaded: Loaded, plan: Plan, progress: gr.Progress
 ) -> tuple[Selection | None, str | None]:
@@ -266,7 +271,9 @@ def evaluate_plan(
         return None, str(exc)
 
 
-def render(session: SessionState, selection: Selection | None, error: str | None):
+def render(
+    panel: PlanPanel, state: gr.State, session: SessionState, selection: Selection | None, error
+) -> dict:
     """Every output of a plan change, for the session's (possibly invalid) plan."""
     loaded = SHARED.get(session.model_key)
     plan = session.plan
@@ -282,23 +289,23 @@ def render(session: SessionState, selection: Selection | None, error: str | None
     else:
         counters = counters_html(None, None, loaded)
         message = status(error or "", "error")
-    return (
-        session,
-        plan.allocation,
-        plan.criterion,
-        plan.reduction,
-        plan.target if plan.target is not None else 0.0,
-        plan.attention_unit,
-        plan.protect_first,
-        plan.protect_last,
-        plan.round_to,
-        plan.head_ratio == 0,
-        table_rows(loaded, plan, selection),
-        counters,
-        message,
-        info,
-        plan_file(session),
-    )
+    return {
+        state: session,
+        panel.allocation: plan.allocation,
+        panel.criterion: plan.criterion,
+        panel.reduction: plan.reduction,
+        panel.target: plan.target if plan.target is not None else 0.0,
+        panel.attention_unit: plan.attention_unit,
+        panel.protect_first: plan.protect_first,
+        panel.protect_last: plan.protect_last,
+        panel.round_to: plan.round_to,
+        panel.keep_heads: plan.head_ratio == 0,
+        panel.table: table_rows(loaded, plan, selection),
+        panel.counters: counters,
+        panel.status: message,
+        panel.info: info,
+        panel.save: plan_file(session),
+    }
 
 
 def plan_file(session: SessionState) -> str:
@@ -338,76 +345,44 @@ def counters_html(sizes: dict | None, selection: Selection | None, loaded: Loade
     )
 
 
-def apply(
-    session: SessionState,
-    allocation: str,
-    criterion: str,
-    reduction: str,
-    target: float,
-    attention_unit: str,
-    protect_first: float | None,
-    protect_last: float | None,
-    round_to: int,
-    keep_heads: bool,
-    table,
-    progress=TRACK,
-):
+def apply(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """Any change of a control: the new plan, re-allocated, with its counters."""
-    loaded = SHARED.get(session.model_key)
-    controls = (allocation, criterion, reduction, target, attention_unit)
-    try:
-        check_rows(table, loaded.structure.num_layers)
-        session.plan = plan_from_controls(
-            session.plan, *controls, protect_first, protect_last, round_to, keep_heads, table
-        )
-        session.plan.check(loaded.structure.num_layers)
-    except PlanError as exc:
-        return render(session, None, str(exc))
-    return render(session, *evaluate_plan(loaded, session.plan, progress))
+    return _apply(panel, state, values, values[panel.allocation], progress)
 
 
-def edit_table(
-    session: SessionState,
-    allocation: str,
-    criterion: str,
-    reduction: str,
-    target: float,
-    attention_unit: str,
-    protect_first: float | None,
-    protect_last: float | None,
-    round_to: int,
-    keep_heads: bool,
-    table,
-    progress=TRACK,
-):
-    """A table edit: an edited ratio turns a uniform/global plan into a per-layer one."""
+def edit_table(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
+    """A table edit: an edited ratio turns the plan into a per-layer one, for good.
+
+    The allocation comes from the session's plan, not from the radio's value sent with the
+    event: an edit queued behind the one that switched the plan to per-layer still carries the
+    old allocation, and taking it turned the plan back (the edit "reverted" seconds later). A
+    cell that is not a number is refused while the plan, and so every other cell, stays as it
+    was.
+    """
+    session = values[state]
     loaded = SHARED.get(session.model_key)
+    shown, _ = evaluate_plan(loaded, session.plan, progress)
+    table = values[panel.table]
     try:
         check_rows(table, loaded.structure.num_layers)
+        _column(table, 1, float), _column(table, 2, float)
     except PlanError as exc:
-        return render(session, None, str(exc))
-    if allocation != "per_layer":
-        shown, _ = evaluate_plan(loaded, session.plan, progress)
-        if shown is not None:
-            try:
-                if _differs(table, *ratios_of(loaded, shown)):
-                    allocation = "per_layer"
-            except PlanError as exc:
-                return render(session, None, str(exc))
-    return apply(
-        session,
-        allocation,
-        criterion,
-        reduction,
-        target,
-        attention_unit,
-        protect_first,
-        protect_last,
-        round_to,
-        keep_heads,
-        table,
-        progress,
-    )
+        return render(panel, state, session, shown, str(exc))
+    edited = shown is not None and _differs(table, *ratios_of(loaded, shown))
+    allocation = "per_layer" if edited else session.plan.allocation
+    return _apply(panel, state, values, allocation, progress)
+
+
+def _apply(panel: PlanPanel, state: gr.State, values: dict, allocation: str, progress) -> dict:
+    session = values[state]
+    loaded = SHARED.get(session.model_key)
+    try:
+        check_rows(values[panel.table], loaded.structure.num_layers)
+        session.plan = panel.read({**values, panel.allocation: allocation}, session.plan)
+        session.plan.check(loaded.structure.num_layers, CRITERIA)
+    except PlanError as exc:
+        return render(panel, state, session, None, str(exc))
+    return render(panel, state, session, *evaluate_plan(loaded, session.plan, progress))
 
 
 def _differs(table, heads: list[float], mlp: list[float]) -> bool:
@@ -415,26 +390,57 @@ def _differs(table, heads: list[float], mlp: list[float]) -> bool:
     return any(abs(a - b) > RATIO_TOLERANCE for a, b in pairs)
 
 
-def show(session: SessionState, progress=TRACK):
+def show(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """Redraw for the session's plan (after a model load)."""
+    session = values[state]
     loaded = SHARED.get(session.model_key)
     try:
-        session.plan.check(loaded.structure.num_layers)
+        session.plan.check(loaded.structure.num_layers, CRITERIA)
     except PlanError as exc:
-        return render(session, None, str(exc))
-    return render(session, *evaluate_plan(loaded, session.plan, progress))
+        return render(panel, state, session, None, str(exc))
+    return render(panel, state, session, *evaluate_plan(loaded, session.plan, progress))
 
 
-def load_plan(session: SessionState, path: str | None, progress=TRACK):
+def load_plan(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """A plan file from the user: refused with a readable error, the current plan kept."""
-    loaded = SHARED.get(session.model_key)
+    session, path = values[state], values[panel.load]
     try:
         if not path:
             raise PlanError("No file was uploaded. Choose a plan .json file.")
         plan = Plan.load(path)
-        plan.check(loaded.structure.num_layers)
     except ExplorerError as exc:
         raise user_error(exc) from exc
+    return use_plan(panel, state, session, plan, progress)
+
+
+def choose_preset(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
+    """A shipped recipe from the preset menu (the same file ``--preset`` replays)."""
+    names = {TITLES[name]: name for name in preset_names()}
+    try:
+        if values[panel.preset] not in names:
+            raise PlanError("Unknown preset. Choose one from the menu.")
+        plan = load_preset(names[values[panel.preset]])
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    return use_plan(panel, state, values[state], plan, progress)
+
+
+def use_plan(panel: PlanPanel, state: gr.State, session, plan: Plan, progress) -> dict:
+    """Make ``plan`` the session's, on the loaded model and text (warning where they differ)."""
+    loaded = SHARED.get(session.model_key)
+    try:
+        plan.check(loaded.structure.num_layers, CRITERIA)
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    ex = loaded.explorer
+    amount = (plan.calibration_windows, plan.calibration_length)
+    if amount != tuple(ex.calibration.shape):
+        gr.Warning(
+            f"The plan calibrates on {amount[0]} x {amount[1]} tokens; the loaded session uses "
+            f"{ex.calibration.shape[0]} x {ex.calibration.shape[1]}, so its number can differ "
+            "from the plan's own."
+        )
+    plan.calibration_windows, plan.calibration_length = ex.calibration.shape
     source = loaded.summary["source"]
     if plan.model != source:
         gr.Warning(f"The plan was made for {plan.model}; it is applied to {source}.")
@@ -447,19 +453,23 @@ def load_plan(session: SessionState, path: str | None, progress=TRACK):
         )
     plan.calibration, plan.evaluation = current.calibration, current.evaluation
     session.plan = plan
-    return render(session, *evaluate_plan(loaded, plan, progress))
+    return render(panel, state, session, *evaluate_plan(loaded, plan, progress))
 
 
 def wire(panel: PlanPanel, session: gr.State) -> list:
-    """Connect the controls; returns the events that change the plan (for the live preview)."""
-    inputs = [session, *panel.controls]
+    """Connect the controls; returns the events that change the plan (for the live preview).
+
+    Handlers take the set of their inputs as one dict keyed by component; Gradio orders a set by
+    creation, which is the API's parameter order (``build`` creates the controls in that order).
+    """
+    inputs = {session, *panel.controls}
     outputs = [session, *panel.outputs]
     events = []
     for control in panel.controls[:-1]:
         trigger = control.release if isinstance(control, gr.Slider) else control.input
         events.append(
             trigger(
-                apply,
+                handler(apply, panel, session),
                 inputs,
                 outputs,
                 **api("set_plan" if control is panel.allocation else None),
@@ -469,7 +479,7 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
         )
     events.append(
         panel.table.input(
-            edit_table,
+            handler(edit_table, panel, session),
             inputs,
             outputs,
             **api("edit_table"),
@@ -478,9 +488,18 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
         )
     )
     events.append(
+        panel.preset.input(
+            handler(choose_preset, panel, session),
+            {session, panel.preset},
+            outputs,
+            show_progress_on=[panel.counters],
+            **api("choose_preset"),
+        )
+    )
+    events.append(
         panel.load.upload(
-            load_plan,
-            [session, panel.load],
+            handler(load_plan, panel, session),
+            {session, panel.load},
             outputs,
             show_progress="hidden",  # quick; a refused file shows only its toast
             **api("load_plan"),
@@ -491,8 +510,8 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
 
 def refresh_event(panel: PlanPanel, session: gr.State, after, name: str | None = None):
     return after.success(
-        show,
-        [session],
+        handler(show, panel, session),
+        {session},
         [session, *panel.outputs],
         **api(name),
         show_progress_on=[panel.counters],

@@ -9,7 +9,7 @@ recomputes only the layers after it. A running preview stops at the next batch w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ import torch
 
 from explorer.errors import ExplorerError
 from explorer.planning.selection import Selection
+from explorer.recovery.live import split_steps
 
 from .state import (
     SHARED,
@@ -27,6 +28,7 @@ from .state import (
     SessionState,
     api,
     gradio_progress,
+    handler,
     select,
     status,
     stop_runs,
@@ -37,6 +39,7 @@ from .state import (
 BIG_DROP, DROP = 2.0, 1.0  # nats: how far a token's log-probability fell to be highlighted
 LABELS = {"big": f"fell > {BIG_DROP:g} nats", "drop": f"fell {DROP:g}–{BIG_DROP:g} nats"}
 DIVERGES = "pruned output diverges here"
+STALE = "Stale: the plan changed since this result. Run the preview again."
 
 
 @dataclass
@@ -67,7 +70,7 @@ def build() -> PreviewPanel:
         run = gr.Button("Run preview", variant="primary", elem_id="preview-run")
         stop = gr.Button("Stop", variant="stop", elem_id="preview-stop")
         auto = gr.Checkbox(
-            value=False, label="Preview again after every plan change", elem_id="preview-auto"
+            value=True, label="Preview again after every plan change", elem_id="preview-auto"
         )
     with gr.Row():
         dense = gr.Textbox(label="Dense perplexity", interactive=False, elem_id="preview-dense")
@@ -121,11 +124,16 @@ def build() -> PreviewPanel:
 
 # -- perplexity ---------------------------------------------------------------------------------------
 def perplexities(
-    loaded: Loaded, selection: Selection, emit: Callable, known: float | None = None
+    loaded: Loaded,
+    selection: Selection,
+    emit: Callable,
+    known: float | None = None,
+    steps: Sequence[dict] = (),
 ) -> tuple[float, float]:
     """Dense (once per model) then pruned perplexity; ``emit((view, step))`` after every batch.
 
     ``known``: the pruned perplexity when a preview already measured it (not measured again).
+    ``steps``: recovery steps; the live ones are applied (``explorer.recovery.live``).
     Runs in a worker that holds the lock (see ``state.streamed``).
     """
     ex = loaded.explorer
@@ -133,7 +141,26 @@ def perplexities(
         loaded.dense_ppl = measure(ex.iter_perplexity(Selection()), "dense", emit)
     if known is not None:
         return loaded.dense_ppl, known
-    return loaded.dense_ppl, measure(ex.iter_perplexity(selection), "pruned", emit)
+    return loaded.dense_ppl, measure(ex.iter_perplexity(selection, steps), "pruned", emit)
+
+
+def included(steps: Sequence[dict]) -> str:
+    """Which recovery steps the previewed number includes, and which it does not."""
+    live, later = split_steps(steps)
+    names = ", ".join(e["step"] for e in live)
+    text = f"Includes the live steps: {names}." if live else "Masks only (no recovery step)."
+    if later:
+        text += (
+            f" Not included: {', '.join(e['step'] for e in later)} (they cannot run live; "
+            "Recover or Export gives the number with them)."
+        )
+    return text
+
+
+def preview_key(session: SessionState) -> str:
+    """What a preview's number depends on: the pruning, and the live steps when there are any."""
+    live, _ = split_steps(session.plan.recovery)
+    return session.plan_json() if live else session.pruning_json()
 
 
 def measure(steps: Iterator, view: str, emit: Callable) -> float:
@@ -181,21 +208,36 @@ def shown(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def run_preview(session: SessionState, request: gr.Request):
+def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.Request):
     """Stream both perplexities; the session records the pruned one with the plan it belongs to."""
+    session: SessionState = values[state]
     loaded = SHARED.get(session.model_key)
     try:
         selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
-        yield session, gr.skip(), "", status(f"No preview: {exc}", "error"), gr.skip()
+        yield {
+            state: session,
+            panel.pruned: "",
+            panel.status: status(f"No preview: {exc}", "error"),
+        }
         return
-    pruning = session.pruning_json()
+
+    def outputs(message: str) -> dict:
+        return {
+            state: session,
+            panel.dense: shown(dense),
+            panel.pruned: shown(pruned),
+            panel.status: message,
+            panel.curve: curve_figure(curves, total),
+        }
+
+    pruning, steps = preview_key(session), list(session.plan.recovery)
     total = loaded.explorer.evaluation.shape[0]
     curves: dict[str, list] = {"dense": [], "pruned": []}
     if loaded.dense_ppl is not None:  # measured once per model: a flat line
         curves["dense"] = [(1, loaded.dense_ppl), (total, loaded.dense_ppl)]
     dense, pruned = loaded.dense_ppl, None
-    work = lambda emit: perplexities(loaded, selection, emit)  # noqa: E731
+    work = lambda emit: perplexities(loaded, selection, emit, steps=steps)  # noqa: E731
     try:
         for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "done":
@@ -204,10 +246,10 @@ def run_preview(session: SessionState, request: gr.Request):
                 change = pruned / dense - 1 if dense else math.nan
                 message = status(
                     f"Done on {total} windows: dense {dense:.3f}, pruned {pruned:.3f} "
-                    f"({change:+.1%}).",
+                    f"({change:+.1%}). {included(steps)}",
                     "ok",
                 )
-                yield session, shown(dense), shown(pruned), message, curve_figure(curves, total)
+                yield outputs(message)
                 return
             view, step = value
             curves[view].append((step.done, step.perplexity))
@@ -219,19 +261,22 @@ def run_preview(session: SessionState, request: gr.Request):
                 f"{view}: {step.done}/{step.total} windows, running perplexity "
                 f"{step.perplexity:.3f}"
             )
-            yield session, shown(dense), shown(pruned), message, curve_figure(curves, total)
+            yield outputs(message)
     except ExplorerError as exc:
         raise user_error(exc) from exc
-    stopped_message = status("Stopped.", "info")
-    yield session, shown(dense), shown(pruned), stopped_message, curve_figure(curves, total)
+    yield outputs(status("Stopped.", "info"))
 
 
-def auto_preview(session: SessionState, auto: bool, request: gr.Request):
-    """After a plan change: preview again when asked to and the plan is valid."""
-    if not auto:
-        yield (gr.skip(),) * 5
-        return
-    yield from run_preview(session, request)
+def auto_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.Request):
+    """After a plan change: preview again when asked to; else mark the shown result stale."""
+    session = values[state]
+    stale = session.preview_plan is not None and session.preview_plan != preview_key(session)
+    if stale:  # at once, before a new run has anything to show
+        yield {panel.status: status(STALE, "error")}
+    if values[panel.auto]:
+        yield from run_preview(panel, state, values, request)
+    elif not stale:
+        yield {}
 
 
 def stopped() -> str:
@@ -239,9 +284,9 @@ def stopped() -> str:
 
 
 # -- generation ---------------------------------------------------------------------------------------
-def continuation(ex, selection: Selection, prompt: str, **kwargs) -> tuple[torch.Tensor, int]:
+def continuation(explorer, selection: Selection, prompt: str, **kwargs) -> tuple[torch.Tensor, int]:
     """All token ids (prompt + continuation) of one view, and where the continuation starts."""
-    _, ids, prompt_length = ex.generate(selection, prompt, **kwargs)
+    _, ids, prompt_length = explorer.generate(selection, prompt, **kwargs)
     return ids, prompt_length
 
 
@@ -253,19 +298,18 @@ def highlighted(tokenizer, ids: torch.Tensor, labels: list[str | None]) -> list[
     ]
 
 
-def generate(
-    session: SessionState,
-    prompt: str,
-    max_new_tokens: float,
-    seed: float,
-    sample: bool,
-    progress=TRACK,
-):
+def generate(panel: PreviewPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """Dense and pruned continuations of one prompt with one seed, the drops highlighted."""
+    session: SessionState = values[state]
+    prompt = values[panel.prompt]
     loaded = SHARED.get(session.model_key)
     if not (prompt or "").strip():
         raise gr.Error("Type a prompt first.")
-    options = {"max_new_tokens": int(max_new_tokens), "seed": int(seed or 0), "sample": sample}
+    options = {
+        "max_new_tokens": int(values[panel.max_new_tokens]),
+        "seed": int(values[panel.seed] or 0),
+        "sample": values[panel.sample],
+    }
     report = gradio_progress(progress)
     try:
         session.policy.check_generation(prompt, options["max_new_tokens"])
@@ -300,25 +344,27 @@ def generate(
             else "the pruned text is identical."
         )
     )
-    return (
-        highlighted(tok, dense_new, dense_labels),
-        highlighted(tok, pruned_new, pruned_labels),
-        summary,
-    )
+    return {
+        panel.dense_text: highlighted(tok, dense_new, dense_labels),
+        panel.pruned_text: highlighted(tok, pruned_new, pruned_labels),
+        panel.generation_status: summary,
+    }
 
 
 def wire(panel: PreviewPanel, session: gr.State, plan_events: list) -> None:
     outputs = [session, panel.dense, panel.pruned, panel.status, panel.curve]
     shown = {"show_progress_on": [panel.status]}
-    runs = [panel.run.click(run_preview, [session], outputs, **shown, **api("preview"))]
+    run = handler(run_preview, panel, session)
+    runs = [panel.run.click(run, {session}, outputs, **shown, **api("preview"))]
+    auto = handler(auto_preview, panel, session)
     for event in plan_events:
-        runs.append(event.then(auto_preview, [session, panel.auto], outputs, **shown, **api(None)))
+        runs.append(event.then(auto, {session, panel.auto}, outputs, **shown, **api(None)))
     panel.stop.click(stop_runs, None, None, cancels=runs, **api("stop"), queue=False).then(
         stopped, None, panel.status, **api(None)
     )
     panel.generate.click(
-        generate,
-        [session, panel.prompt, panel.max_new_tokens, panel.seed, panel.sample],
+        handler(generate, panel, session),
+        {session, panel.prompt, panel.max_new_tokens, panel.seed, panel.sample},
         [panel.dense_text, panel.pruned_text, panel.generation_status],
         show_progress_on=[panel.generation_status],
         **api("generate"),

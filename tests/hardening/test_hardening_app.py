@@ -366,25 +366,37 @@ def test_eight_clients_at_once_get_what_each_gets_alone(tiny_app):
         )
 
 
-def test_a_client_leaving_mid_preview_leaves_the_model_dense(tiny_app, monkeypatch):
+@pytest.fixture
+def slow_preview(monkeypatch):
+    """Every preview batch takes 1.5 s longer: time to leave, or to queue, in the middle."""
     from explorer.apply import preview
+
+    run = preview.LivePreview.run
+
+    def slow(self, selection):
+        for step in run(self, selection):
+            time.sleep(1.5)
+            yield step
+
+    monkeypatch.setattr(preview.LivePreview, "run", slow)
+
+
+def started(job) -> None:
+    """Wait until a streaming job sent its first update."""
+    deadline = time.monotonic() + 300
+    while not job.outputs():
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_client_leaving_mid_preview_leaves_the_model_dense(tiny_app, slow_preview):
     from explorer.model.loading import load_model
 
     client = new_client(tiny_app)
     controls = (*MLP_ONLY[:3], 0.4, *MLP_ONLY[4:])
     client.predict(*controls, plan_table(client), api_name="/set_plan")
-    run = preview.LivePreview.run
-
-    def slow(self, selection):
-        for step in run(self, selection):
-            time.sleep(2)  # long enough to leave in the middle
-            yield step
-
-    monkeypatch.setattr(preview.LivePreview, "run", slow)
     job = client.submit(api_name="/preview")
-    deadline = time.monotonic() + 300
-    while not job.outputs() and time.monotonic() < deadline:
-        time.sleep(0.1)
+    started(job)
     job.cancel()
     client.close()
     assert state.SHARED.lock.acquire(timeout=120)  # the worker finished at its next step
@@ -397,3 +409,25 @@ def test_a_client_leaving_mid_preview_leaves_the_model_dense(tiny_app, monkeypat
             assert models and all(torch.equal(m(ids).logits, fresh(ids).logits) for m in models)
     finally:
         state.SHARED.lock.release()
+
+
+def test_a_waiting_client_is_shown_its_queue_position(tiny_app, slow_preview):
+    from gradio_client.utils import Status
+
+    first, second = new_client(tiny_app), new_client(tiny_app)
+    busy = first.submit(api_name="/preview")
+    started(busy)
+    waiting = second.submit(api_name="/preview")
+    seen = []
+    deadline = time.monotonic() + 300
+    while not waiting.done() and time.monotonic() < deadline:
+        status = waiting.status()
+        seen.append((status.code, status.rank))
+        if status.code == Status.IN_QUEUE and status.rank is not None:
+            break
+        time.sleep(0.05)
+    busy.cancel()
+    waiting.cancel()
+    assert (Status.IN_QUEUE, 0) in seen  # first in line behind the running preview
+    assert state.SHARED.lock.acquire(timeout=120)
+    state.SHARED.lock.release()
