@@ -18,6 +18,7 @@ import gradio as gr
 
 from explorer.errors import ExplorerError, ExportError
 from explorer.export import export_model
+from explorer.gguf_export import GGUF_TYPES, SOURCE
 
 from .preview import measuring, perplexities
 from .recovery import recover
@@ -28,6 +29,8 @@ from .state import SHARED, SessionState, api, human, resolve, streamed, user_err
 class ExportPanel:
     folder: gr.Textbox
     overwrite: gr.Checkbox
+    format: gr.Radio
+    gguf_type: gr.Dropdown
     run: gr.Button
     checks: gr.HTML
     report: gr.JSON
@@ -37,8 +40,9 @@ class ExportPanel:
 def build(default_model: str) -> ExportPanel:
     gr.Markdown(
         "Writes a transformers folder (safetensors, config, tokenizer, plan.json, "
-        "selection.json, report.json). Per-layer sizes load with `trust_remote_code=True`; "
-        "uniform ones with plain `AutoModelForCausalLM.from_pretrained`."
+        "selection.json, report.json, a model card README.md). Per-layer sizes load with "
+        "`trust_remote_code=True`; uniform ones with plain `AutoModelForCausalLM.from_pretrained`. "
+        "*GGUF* writes one llama.cpp file instead (per-layer sizes as the `deci` architecture)."
     )
     with gr.Row():
         folder = gr.Textbox(
@@ -48,6 +52,13 @@ def build(default_model: str) -> ExportPanel:
             scale=3,
         )
         overwrite = gr.Checkbox(label="Replace a non-empty folder", value=False, scale=1)
+    with gr.Row():
+        format = gr.Radio(
+            ["transformers", "gguf"], value="transformers", label="Format", elem_id="export-format"
+        )
+        gguf_type = gr.Dropdown(
+            [*GGUF_TYPES, SOURCE], value="f16", label="GGUF tensor type", elem_id="export-gguf-type"
+        )
     run = gr.Button("Export", variant="primary", elem_id="export-run")
     checks = gr.HTML(elem_id="export-checks")
     with gr.Row():
@@ -55,7 +66,7 @@ def build(default_model: str) -> ExportPanel:
         files = gr.File(
             label="Download plan and report", file_count="multiple", elem_id="export-files", scale=1
         )
-    return ExportPanel(folder, overwrite, run, checks, report, files)
+    return ExportPanel(folder, overwrite, format, gguf_type, run, checks, report, files)
 
 
 def checklist(done: list[str], current: str | None, failed: str | None = None) -> str:
@@ -67,7 +78,14 @@ def checklist(done: list[str], current: str | None, failed: str | None = None) -
     return f'<ul class="pe-checks">{"".join(items)}</ul>'
 
 
-def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.Request):
+def run_export(
+    session: SessionState,
+    folder: str,
+    overwrite: bool,
+    format: str = "transformers",
+    gguf_type: str = "f16",
+    request: gr.Request = None,
+):
     """Stream the checks as they pass; end with the report and the plan/report downloads."""
     loaded = SHARED.get(session.model_key)
     if not (folder or "").strip():
@@ -115,6 +133,8 @@ def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.
             verify_ids=ex.evaluation[:2],
             progress=lambda fraction, message: emit(message),
             pruned=model,
+            format=format,
+            gguf_type=gguf_type,
         )
 
     done: list[str] = []
@@ -138,9 +158,14 @@ def run_export(session: SessionState, folder: str, overwrite: bool, request: gr.
         raise user_error(exc) from exc
     if current:
         done.append(current)
+    diff = result.max_abs_diff
+    checked = (
+        "Verified: read back (llama.cpp not installed, logits not compared)"
+        if diff is None
+        else f"Verified: reloaded logits within {diff:.1e} of the pruned model"
+    )
     done.append(
-        f"Verified: reloaded logits within {result.max_abs_diff:.1e} of the pruned model; "
-        f"{human(result.params_before)} → {human(result.params_after)} parameters"
+        f"{checked}; {human(result.params_before)} → {human(result.params_after)} parameters"
         + (" (load with trust_remote_code=True)" if result.remote_code else "")
     )
     yield checklist(done, None), result.report, downloads(session, result.path)
@@ -155,7 +180,7 @@ def downloads(session: SessionState, folder: Path) -> list[str]:
     """Copies of plan.json and report.json that Gradio may serve wherever the export went."""
     spare = session.scratch("export")
     out = []
-    for name in ("plan.json", "report.json"):
+    for name in ("plan.json", "report.json", "README.md"):
         if (folder / name).is_file():
             shutil.copy(folder / name, spare / name)
             out.append(str(spare / name))
@@ -165,7 +190,7 @@ def downloads(session: SessionState, folder: Path) -> list[str]:
 def wire(panel: ExportPanel, session: gr.State) -> None:
     panel.run.click(
         run_export,
-        [session, panel.folder, panel.overwrite],
+        [session, panel.folder, panel.overwrite, panel.format, panel.gguf_type],
         [panel.checks, panel.report, panel.files],
         show_progress_on=[panel.report],
         **api("export"),

@@ -3,6 +3,7 @@
 python -m explorer prune --model smollm2-135m --criterion taylor --target 0.2
 python -m explorer prune --plan plan.json --out pruned/
 python -m explorer export --plan plan.json --model smollm2-135m --out pruned/
+python -m explorer evaluate --model pruned/ --tasks lee_cloze
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from tqdm import tqdm
 from .data import TextSource, builtin_text
 from .errors import ExplorerError
 from .evaluate import perplexity
+from .gguf_export import GGUF_TYPES, SOURCE
 from .importance import REDUCTIONS, criterion_names
 from .loading import EMBEDDED, cache_root, load_model
 from .plan import Plan
+from .pruning import prune_model
 from .recovery import RECOVERY_STEPS
 from .selection import Selection
 from .session import Explorer
@@ -72,11 +75,35 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--prompt", default=None, help="also generate from this prompt")
     fetch = sub.add_parser("fetch", help="fetch and cache the embedded model and corpus")
     fetch.add_argument("--model", default="smollm2-135m", choices=tuple(EMBEDDED))
+    evaluate = sub.add_parser("evaluate", help="zero-shot accuracy with lm-evaluation-harness")
+    evaluate.add_argument("--model", required=True, help="an export folder (or a model source)")
+    evaluate.add_argument(
+        "--plan", type=Path, default=None, help="prune --model in memory by this plan first"
+    )
+    evaluate.add_argument("--tasks", default="lee_cloze", help="comma-separated lm-eval tasks")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most N questions per task")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument(
+        "--device", default=None, help="cpu or cuda (default: cuda when available)"
+    )
+    evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     export = sub.add_parser("export", help="replay a plan and export the pruned model")
     _common(export)
     for p in (prune, export):
         p.add_argument("--out", type=Path, default=None, help="export the pruned model here")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        p.add_argument(
+            "--format",
+            choices=("transformers", "gguf"),
+            default="transformers",
+            help="what --out holds: a transformers folder or a GGUF file for llama.cpp",
+        )
+        p.add_argument(
+            "--gguf-type",
+            choices=(*GGUF_TYPES, SOURCE),
+            default="f16",
+            help="GGUF tensor type ('source': the source GGUF's own quantisation)",
+        )
     return parser
 
 
@@ -246,9 +273,44 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             overwrite=args.overwrite,
             verify_ids=ex.evaluation[:2],
             pruned=pruned_model,
+            format=args.format,
+            gguf_type=args.gguf_type,
         )
-        print(f"exported to {result.path} (max |logit diff| on reload {result.max_abs_diff:.2e})")
+        diff = result.max_abs_diff
+        check = "not run in llama.cpp" if diff is None else f"max |logit diff| on reload {diff:.2e}"
+        print(f"exported to {result.path} ({check})")
     return report
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Zero-shot accuracy of an export folder, a model source, or a plan applied to a source."""
+    from .zero_shot import zero_shot
+
+    folder = Path(args.model).expanduser()
+    if args.plan is not None:
+        plan = Plan.load(args.plan)
+        plan.model = args.model
+        args.eval_length, args.eval_windows = 256, None
+        ex = open_explorer(plan, args)
+        sel = _with_bar(f"score ({plan.criterion})", ex.resolve, plan)
+        model, tokenizer = prune_model(ex.model, ex.structure, sel), ex.workspace.tokenizer
+    elif (folder / "config.json").is_file() or any(folder.glob("*.gguf")):
+        model, tokenizer = folder, None
+    else:
+        ws = _with_bar("load model", load_model, args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = ws.model, ws.tokenizer
+    results = zero_shot(
+        model,
+        tokenizer,
+        args.tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    for task, metrics in results.items():
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
+        print(f"{task}: {shown}")
+    return results
 
 
 def fetch(model: str) -> None:
@@ -264,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             fetch(args.model)
+            return 0
+        if args.command == "evaluate":
+            evaluate(args)
             return 0
         plan = build_plan(args)
         if args.command == "export" and not args.out:

@@ -7,8 +7,31 @@ import os
 # Before transformers/huggingface_hub are imported anywhere: tests never reach the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_EVALUATE_OFFLINE"] = "1"  # lm-eval's metrics
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import ipaddress  # noqa: E402
+import socket  # noqa: E402
 
 import pytest  # noqa: E402
+
+_connect = socket.socket.connect
+
+
+def _local_only(self, address):
+    """Tests reach this machine only (the app's own port, the browser): never the network."""
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        try:
+            local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            raise ConnectionRefusedError(f"tests must not reach the network (connect to {host})")
+    return _connect(self, address)
+
+
+socket.socket.connect = _local_only
 
 SENTENCES = [
     "the cat sat on the mat",

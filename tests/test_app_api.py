@@ -162,7 +162,11 @@ def test_generation_and_export(client, tmp_path):
     checks, report, files = client.predict(str(tmp_path / "out"), False, api_name="/export")
     assert "Verified" in checks
     assert report["perplexity_after"] > report["perplexity_before"] > 1
-    assert sorted(name.rsplit("/", 1)[-1] for name in files) == ["plan.json", "report.json"]
+    assert sorted(name.rsplit("/", 1)[-1] for name in files) == [
+        "README.md",
+        "plan.json",
+        "report.json",
+    ]
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 

@@ -53,16 +53,18 @@ CONFIGS = {
         num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=32,
+        query_pre_attn_scalar=32,  # as in the real Gemma3 models: scores scaled by 1/sqrt(head_dim)
         vocab_size=VOCAB,
         sliding_window=8,
     ),
 }
 
 
-def tiny_model(name: str, seed: int = 0):
+def tiny_model(name: str, seed: int = 0, vocab: int = VOCAB):
     """A random fp32 model of family ``name`` with non-trivial norms and biases."""
     torch.manual_seed(seed)
     cfg = CONFIGS[name]()
+    cfg.vocab_size = vocab
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -71,9 +73,9 @@ def tiny_model(name: str, seed: int = 0):
     return model
 
 
-def tiny(name: str, seed: int = 0):
+def tiny(name: str, seed: int = 0, vocab: int = VOCAB):
     """(model, structure) for a tiny random model of family ``name``."""
-    model = tiny_model(name, seed)
+    model = tiny_model(name, seed, vocab)
     return model, StructureMap(model, family_for(model))
 
 
