@@ -19,6 +19,8 @@ import gradio as gr
 from explorer.errors import ExplorerError, ExportError
 from explorer.export import export_model
 from explorer.gguf_export import GGUF_TYPES, SOURCE
+from explorer.pruning import prune_model
+from explorer.zero_shot import task_names, zero_shot
 
 from .preview import measuring, perplexities
 from .recovery import recover
@@ -35,6 +37,10 @@ class ExportPanel:
     checks: gr.HTML
     report: gr.JSON
     files: gr.File
+    tasks: gr.Textbox
+    limit: gr.Number
+    evaluate: gr.Button
+    accuracy: gr.JSON
 
 
 def build(default_model: str) -> ExportPanel:
@@ -66,7 +72,43 @@ def build(default_model: str) -> ExportPanel:
         files = gr.File(
             label="Download plan and report", file_count="multiple", elem_id="export-files", scale=1
         )
-    return ExportPanel(folder, overwrite, format, gguf_type, run, checks, report, files)
+    gr.Markdown(
+        "### Zero-shot accuracy (lm-evaluation-harness)\n"
+        "Dense and pruned model (recovered, when the Recover tab made it for this plan) on "
+        "lm-eval tasks: `lee_cloze` is local (multiple-choice completions from the Lee "
+        "corpus); standard tasks (`hellaswag`, `piqa`, `arc_easy`, ...) download their data."
+    )
+    with gr.Row():
+        tasks = gr.Textbox(label="Tasks", value="lee_cloze", elem_id="zero-shot-tasks", scale=3)
+        limit = gr.Number(label="Questions per task (0: all)", value=0, precision=0, scale=1)
+    evaluate = gr.Button("Evaluate dense and pruned", elem_id="zero-shot-run")
+    accuracy = gr.JSON(label="Accuracy", elem_id="zero-shot-accuracy")
+    return ExportPanel(
+        folder, overwrite, format, gguf_type, run, checks, report, files, tasks, limit, evaluate,
+        accuracy,
+    )  # fmt: skip
+
+
+def run_zero_shot(session: SessionState, tasks: str, limit: float | None) -> dict:
+    """lm-eval accuracy of the dense and the pruned model for the session's plan."""
+    loaded = SHARED.get(session.model_key)
+    try:
+        selection = resolve(loaded, session.plan, lambda *_: None)
+        ex = loaded.explorer
+        recovered = session.reusable_recovery()
+        with SHARED.lock:
+            pruned = (
+                recovered.model
+                if recovered is not None
+                else prune_model(ex.model, ex.structure, selection)
+            )
+            run = {"limit": int(limit) if limit else None, "tasks": task_names(tasks)}
+            return {
+                "dense": zero_shot(ex.model, ex.workspace.tokenizer, **run),
+                "pruned": zero_shot(pruned, ex.workspace.tokenizer, **run),
+            }
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
 
 
 def checklist(done: list[str], current: str | None, failed: str | None = None) -> str:
@@ -194,4 +236,10 @@ def wire(panel: ExportPanel, session: gr.State) -> None:
         [panel.checks, panel.report, panel.files],
         show_progress_on=[panel.report],
         **api("export"),
+    )
+    panel.evaluate.click(
+        run_zero_shot,
+        [session, panel.tasks, panel.limit],
+        [panel.accuracy],
+        **api("zero_shot"),
     )
