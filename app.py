@@ -33,7 +33,7 @@ from components import (  # noqa: E402
     structure,
 )
 from components.state import SessionState, Settings  # noqa: E402
-from explorer.plan import Plan  # noqa: E402
+from explorer.planning.plan import Plan  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TITLE = "Pruning Explorer"

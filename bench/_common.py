@@ -12,17 +12,13 @@ import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from explorer.data import builtin_text  # noqa: E402
-from explorer.loading import load_model  # noqa: E402
+from explorer.planning.plan import Plan  # noqa: E402
 from explorer.session import Explorer  # noqa: E402
 
 
 def open_default(device: str | None = None, **windows) -> Explorer:
-    """SmolLM2-135M on the Lee corpus, with the project's evaluation protocol."""
-    ws = load_model("smollm2-135m", device=device)
-    return Explorer.from_texts(
-        ws, builtin_text("calibration"), builtin_text("evaluation"), **windows
-    )
+    """SmolLM2-135M on the Lee corpus, with the project's evaluation protocol (the default plan)."""
+    return Explorer.open(Plan(), device=device, **windows)
 
 
 def machine_line(ex: Explorer) -> str:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 from _common import machine_line, open_default, write_result
 
-from explorer.importance import criterion_names, get_criterion
-from explorer.plan import Plan
+from explorer.catalogue import CRITERIA
+from explorer.planning.plan import Plan
 
 
 def main() -> None:
@@ -32,12 +32,12 @@ def main() -> None:
     args = parser.parse_args()
     ex = open_default(args.device)
     dense = ex.dense_perplexity()
-    criteria = args.criteria or criterion_names()
+    criteria = args.criteria or CRITERIA.names()
     # Collect every criterion's needs in one pass first, and time it on its own.
     t0 = time.perf_counter()
     needs = None
     for name in criteria:
-        crit = get_criterion(name)
+        crit = CRITERIA[name]
         needs = crit.needs if needs is None else needs | crit.needs
     ex.statistics(needs)
     pass_s = time.perf_counter() - t0
@@ -53,7 +53,7 @@ def main() -> None:
                 protect_first=args.protect_first,
                 protect_last=args.protect_last,
             )
-            sel = ex.resolve(plan)
+            sel = ex.select(plan)
             sizes = ex.sizes(sel)
             ppl = ex.perplexity(sel)
             block_share = 1 - sizes["block_params_after"] / sizes["block_params_before"]

@@ -21,18 +21,18 @@ from pathlib import Path
 import torch
 from _common import machine_line, write_result
 
+from explorer.apply.masking import masked
+from explorer.apply.pruning import prune_model
+from explorer.catalogue import CRITERIA, RECOVERY_STEPS
 from explorer.data import builtin_text, token_windows
 from explorer.evaluate import generate, perplexity
-from explorer.flap import FLAP_NEEDS
-from explorer.importance import get_criterion
-from explorer.loading import load_model
-from explorer.masking import masked
-from explorer.plan import Plan, resolve
-from explorer.pruning import prune_model
-from explorer.recovery import RecoveryContext, lora_recovery, run_steps
-from explorer.selection import Selection
+from explorer.model.loading import load_model
+from explorer.planning.plan import Plan, allocate
+from explorer.planning.selection import Selection
+from explorer.recovery.steps import RecoveryContext, lora_recovery, run_steps
+from explorer.recovery.surgeon import surgeon_prune
+from explorer.scoring.flap import FLAP_NEEDS
 from explorer.session import Explorer
-from explorer.surgeon import surgeon_prune
 
 CALIBRATION = "lee_background (first 9/10)"
 ROWS = [
@@ -92,20 +92,20 @@ class Bench:
         ex = self.small if m.small_calibration else self.ex
         t0 = time.perf_counter()
         if m.shots:
-            scores_to_sel = lambda scores: resolve(m.plan, ex.structure, scores)  # noqa: E731
+            scores_to_sel = lambda scores: allocate(m.plan, ex.structure, scores)  # noqa: E731
             model, sel = surgeon_prune(
                 ex.model,
                 ex.structure,
                 scores_to_sel,
                 self.shot_windows(m, ex),
                 shots=m.shots,
-                criterion=m.plan.criterion,
+                criterion=CRITERIA[m.plan.criterion],
                 batch_size=4,
             )
         else:
-            sel = ex.resolve(m.plan)
+            sel = ex.select(m.plan)
             model = prune_model(ex.model, ex.structure, sel)
-            run_steps(m.own_steps, self.context(model, sel, ex))
+            run_steps(m.own_steps, self.context(model, sel, ex), RECOVERY_STEPS)
         return model, sel, time.perf_counter() - t0
 
     def context(self, pruned, sel, ex: Explorer | None = None) -> RecoveryContext:
@@ -149,7 +149,7 @@ class Bench:
         for step in recovery.split("+"):
             if step == "layerwise":
                 ex = self.small if m.small_calibration else self.ex
-                run_steps([{"step": "layerwise"}], self.context(model, sel, ex))
+                run_steps([{"step": "layerwise"}], self.context(model, sel, ex), RECOVERY_STEPS)
             elif step == "lora":
                 losses = self.lora(model)
                 self.notes.append(
@@ -329,7 +329,7 @@ def main() -> None:
     t0 = time.perf_counter()
     needs = FLAP_NEEDS
     for name in ("depth2", "wanda_sp", "flap"):
-        needs = needs | get_criterion(name).needs
+        needs = needs | CRITERIA[name].needs
     ex.statistics(needs)
     pass_s = time.perf_counter() - t0
     bench.notes.append(f"forward-only calibration pass (depth2, wanda_sp, flap): {pass_s:.0f} s")
@@ -366,7 +366,7 @@ def choose(bench: Bench, target: float) -> str:
     """The allocation with the lowest perplexity on the held-out slice of the calibration text."""
     scored = {}
     for label, plan in candidates(target).items():
-        scored[label] = bench.heldout(bench.ex.resolve(plan))
+        scored[label] = bench.heldout(bench.ex.select(plan))
         print(f"held-out {label}: {scored[label]:.2f}", flush=True)
     dense = perplexity(bench.ex.model, bench.selection_windows)
     bench.notes.append(

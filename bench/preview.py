@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 from _common import machine_line, open_default, write_result
 
+from explorer.apply.masking import masked
+from explorer.apply.preview import LivePreview
 from explorer.evaluate import perplexity, window_nll
-from explorer.masking import masked
-from explorer.preview import LivePreview
-from explorer.selection import Selection
+from explorer.planning.selection import Selection
 
 
 def main() -> None:
@@ -90,12 +90,12 @@ def main() -> None:
 @torch.no_grad()
 def head_seconds(live: LivePreview) -> float:
     """Time of the output head alone over every window, from the kept final hidden states."""
-    last = live.s.num_layers
+    last = live.structure.num_layers
     if live.stride != 1:
         raise SystemExit("the head timing needs every boundary kept (stride 1)")
     t0 = time.perf_counter()
-    for b, states in enumerate(live._states):
-        window_nll(live._logits(states[last]), live._batch(b))
+    for b in range(live.num_batches):
+        window_nll(live.logits(live.kept_state(b, last)), live.batch(b))
     return time.perf_counter() - t0
 
 

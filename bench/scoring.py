@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 from _common import machine_line, open_default, write_result
 
+from explorer.catalogue import CRITERIA
 from explorer.evaluate import window_nll
-from explorer.importance import Needs, criterion_names, get_criterion
+from explorer.scoring.base import Needs
 
 
 def peak_bytes(device: torch.device) -> int:
@@ -41,8 +42,7 @@ PHASES = {
     "all but surgeon": lambda c: c not in SURGEON,
     "LLM-Pruner's (gradients, Fisher)": lambda c: c in ("taylor", "taylor_e1", "taylor_e2"),
     "forward-only": lambda c: (
-        get_criterion(c).needs.gradients is False
-        and not get_criterion(c).needs.output_gradient_covariance
+        CRITERIA[c].needs.gradients is False and not CRITERIA[c].needs.output_gradient_covariance
     ),
 }
 
@@ -59,10 +59,10 @@ def phase(name: str, device: str | None) -> dict:
             window_nll(ex.model(ids, use_cache=False).logits, ids).sum().backward()
         ex.model.zero_grad(set_to_none=True)
     else:
-        chosen = [c for c in criterion_names() if PHASES[name](c)]
+        chosen = [c for c in CRITERIA.names() if PHASES[name](c)]
         needs = Needs()
         for c in chosen:
-            needs = needs | get_criterion(c).needs
+            needs = needs | CRITERIA[c].needs
         ex.statistics(needs)
         for c in chosen:
             ex.scores(c, "sum")
@@ -98,7 +98,7 @@ def main() -> None:
     text = "\n".join(
         [
             f"Calibration {ex.calibration.shape[0]} x {ex.calibration.shape[1]} tokens; criteria: "
-            f"{', '.join(criterion_names())}; median of {args.repeats} alternating runs, each "
+            f"{', '.join(CRITERIA.names())}; median of {args.repeats} alternating runs, each "
             f"in a fresh process. fp32 model: {model / 2**20:.0f} MiB. {machine_line(ex)}",
             "",
             "| phase | seconds | ratio | extra peak memory | x model size |",

@@ -24,9 +24,9 @@ import torch
 from _common import machine_line, open_default, write_result
 from transformers import AutoModelForCausalLM
 
-from explorer.export import count_params, export_model
-from explorer.loading import embedded_cache_dir
-from explorer.plan import Plan
+from explorer.export.writer import count_params, export_model
+from explorer.model.loading import embedded_cache_dir
+from explorer.planning.plan import Plan
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, float]:
@@ -82,7 +82,7 @@ def main() -> None:
     device = ex.workspace.device
     machine = machine_line(ex)
     plan = Plan(criterion="l2", target=args.target, round_to=args.round_to)
-    sel = ex.resolve(plan)
+    sel = ex.select(plan)
     prefill_ids = ex.evaluation[:1].to(device)
     prompt_ids = prefill_ids[:, : args.prompt]
     with tempfile.TemporaryDirectory() as tmp:

@@ -16,15 +16,16 @@ from pathlib import Path
 
 import gradio as gr
 
+from explorer.apply.pruning import prune_model
 from explorer.errors import ExplorerError, ExportError
-from explorer.export import export_model
-from explorer.gguf_export import GGUF_TYPES, SOURCE
-from explorer.pruning import prune_model
+from explorer.export.gguf_writer import GGUF_TYPES, SOURCE
+from explorer.export.report import pruning_report
+from explorer.export.writer import export_model
 from explorer.zero_shot import task_names, zero_shot
 
 from .preview import measuring, perplexities
 from .recovery import recover
-from .state import SHARED, SessionState, api, human, resolve, streamed, user_error
+from .state import SHARED, SessionState, api, human, select, streamed, user_error
 
 
 @dataclass
@@ -93,7 +94,7 @@ def run_zero_shot(session: SessionState, tasks: str, limit: float | None) -> dic
     """lm-eval accuracy of the dense and the pruned model for the session's plan."""
     loaded = SHARED.get(session.model_key)
     try:
-        selection = resolve(loaded, session.plan, lambda *_: None)
+        selection = select(loaded, session.plan, lambda *_: None)
         ex = loaded.explorer
         recovered = session.reusable_recovery()
         with SHARED.lock:
@@ -133,7 +134,7 @@ def run_export(
     if not (folder or "").strip():
         raise gr.Error("Type the folder to export to.")
     try:
-        selection = resolve(loaded, session.plan, lambda *_: None)
+        selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
         raise user_error(exc) from exc
     plan = session.plan
@@ -146,23 +147,14 @@ def run_export(
 
     def work(emit):
         dense, pruned = perplexities(loaded, selection, lambda item: emit(measuring(item)), known)
-        report = {
-            "criterion": plan.criterion,
-            "reduction": plan.reduction,
-            "allocation": plan.allocation,
-            "perplexity_before": dense,
-            "perplexity_after": pruned,
-            "recovery": plan.recovery,
-            "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
-            **ex.sizes(selection),
-        }
-        model = None
+        model = recovered_ppl = None
         if plan.recovery:
             done = recovered or recover(loaded, selection, plan.recovery, emit, made_for)
             session.recovered = done
-            report["perplexity_after"] = done.perplexity
-            report["perplexity_before_recovery"] = pruned
+            recovered_ppl = done.perplexity
             model = done.model
+        sizes = ex.sizes(selection)
+        report = pruning_report(plan, sizes, ex.evaluation.shape, dense, pruned, recovered_ppl)
         return export_model(
             ex.model,
             ex.workspace.tokenizer,

@@ -16,8 +16,12 @@ import gradio as gr
 import plotly.graph_objects as go
 import torch
 
-from explorer.distribution_aware import DEFAULT_TAU, greedy_redundant_heads, head_similarity_graph
 from explorer.errors import ExplorerError
+from explorer.scoring.distribution_aware import (
+    DEFAULT_TAU,
+    greedy_redundant_heads,
+    head_similarity_graph,
+)
 
 from .state import ATTENTION, SHARED, TRACK, SessionState, api, gradio_progress, scores, user_error
 

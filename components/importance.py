@@ -14,8 +14,9 @@ import gradio as gr
 import plotly.graph_objects as go
 import torch
 
+from explorer.catalogue import CRITERIA
 from explorer.errors import ExplorerError
-from explorer.importance import REDUCTIONS, criterion_names, get_criterion
+from explorer.scoring.base import REDUCTIONS
 
 from .state import SHARED, TRACK, SessionState, api, gradio_progress, scores, user_error
 
@@ -37,7 +38,7 @@ class ImportancePanel:
 
 
 def build() -> ImportancePanel:
-    names = criterion_names()
+    names = CRITERIA.names()
     with gr.Row():
         criterion = gr.Dropdown(names, value="taylor", label="Criterion", elem_id="imp-criterion")
         reduction = gr.Dropdown(
@@ -181,7 +182,7 @@ def show(
         ) from None
     rows = agreement(first, second, ratio)
     table = [[r["layer"], round(r["overlap"], 3), round(r["spearman"], 3)] for r in rows]
-    title = get_criterion(criterion).title
+    title = CRITERIA[criterion].title
     return (
         heatmap_figure(first, title, kind, scale),
         agreement_figure(rows, criterion, criterion_b, ratio),

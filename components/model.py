@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from explorer.cli import text_source
+from explorer.data import text_source
 from explorer.errors import DataError, ExplorerError
-from explorer.loading import EMBEDDED
+from explorer.model.loading import EMBEDDED
 
 from .state import (
     SHARED,

@@ -1,8 +1,8 @@
 """Plan panel: how much to cut where, with live parameter and FLOP counters; save/load as JSON.
 
 The table has one row per layer of whatever model is loaded. Under a uniform or global allocation
-its ratio columns show what the plan resolved to; editing a ratio there turns the plan into a
-per-layer one that starts from exactly those values. Every change re-resolves the plan against the
+its ratio columns show what the plan allocated; editing a ratio there turns the plan into a
+per-layer one that starts from exactly those values. Every change re-allocates the plan on the
 cached scores (milliseconds) and redraws the counters; nothing re-reads the calibration data unless
 a criterion is chosen whose statistics have not been collected yet.
 """
@@ -13,10 +13,11 @@ from dataclasses import dataclass, replace
 
 import gradio as gr
 
+from explorer.catalogue import CRITERIA
 from explorer.errors import ExplorerError, PlanError
-from explorer.importance import REDUCTIONS, criterion_names
-from explorer.plan import Plan
-from explorer.selection import Selection, layer_params
+from explorer.planning.plan import Plan
+from explorer.planning.selection import Selection, layer_params
+from explorer.scoring.base import REDUCTIONS
 
 from .state import (
     SHARED,
@@ -26,7 +27,7 @@ from .state import (
     api,
     gradio_progress,
     human,
-    resolve,
+    select,
     status,
     user_error,
 )
@@ -87,7 +88,7 @@ def build() -> PlanPanel:
             scale=3,
         )
         criterion = gr.Dropdown(
-            criterion_names(), value=plan.criterion, label="Criterion", elem_id="plan-criterion"
+            CRITERIA.names(), value=plan.criterion, label="Criterion", elem_id="plan-criterion"
         )
         reduction = gr.Dropdown(list(REDUCTIONS), value=plan.reduction, label="Reduction")
     with gr.Row():
@@ -246,7 +247,7 @@ def evaluate_plan(
 ) -> tuple[Selection | None, str | None]:
     """The selection, or the reason the plan cannot be built."""
     try:
-        return resolve(loaded, plan, gradio_progress(progress)), None
+        return select(loaded, plan, gradio_progress(progress)), None
     except ExplorerError as exc:
         return None, str(exc)
 
@@ -337,7 +338,7 @@ def apply(
     table,
     progress=TRACK,
 ):
-    """Any change of a control: the new plan, re-resolved, with its counters."""
+    """Any change of a control: the new plan, re-allocated, with its counters."""
     loaded = SHARED.get(session.model_key)
     controls = (allocation, criterion, reduction, target, attention_unit)
     try:

@@ -18,7 +18,7 @@ import plotly.graph_objects as go
 import torch
 
 from explorer.errors import ExplorerError
-from explorer.selection import Selection
+from explorer.planning.selection import Selection
 
 from .state import (
     SHARED,
@@ -27,7 +27,7 @@ from .state import (
     SessionState,
     api,
     gradio_progress,
-    resolve,
+    select,
     status,
     stop_runs,
     streamed,
@@ -185,7 +185,7 @@ def run_preview(session: SessionState, request: gr.Request):
     """Stream both perplexities; the session records the pruned one with the plan it belongs to."""
     loaded = SHARED.get(session.model_key)
     try:
-        selection = resolve(loaded, session.plan, lambda *_: None)
+        selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
         yield session, gr.skip(), "", status(f"No preview: {exc}", "error"), gr.skip()
         return
@@ -268,7 +268,7 @@ def generate(
     options = {"max_new_tokens": int(max_new_tokens), "seed": int(seed or 0), "sample": sample}
     report = gradio_progress(progress)
     try:
-        selection = resolve(loaded, session.plan, report)
+        selection = select(loaded, session.plan, report)
         ex = loaded.explorer
         with SHARED.lock:
             report(0.1, "Generating with the dense model")

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import gradio as gr
 import plotly.graph_objects as go
 
+from explorer.catalogue import RECOVERY_STEPS
 from explorer.errors import ExplorerError, PlanError
 from explorer.evaluate import iter_perplexity
-from explorer.importance import criterion_names
-from explorer.recovery import RECOVERY_STEPS, RecoveryStep
-from explorer.selection import Selection
+from explorer.planning.selection import Selection
+from explorer.recovery.steps import RecoveryStep
 
 from .plan import plan_file
 from .preview import measure, measuring, perplexities, shown, stopped
@@ -30,21 +30,12 @@ from .state import (
     Recovered,
     SessionState,
     api,
-    resolve,
+    select,
     status,
     stop_runs,
     streamed,
     user_error,
 )
-
-
-def registered() -> dict[str, RecoveryStep]:
-    """Every recovery step, in registry order.
-
-    FLAP's and LLM Surgeon's steps register with their criteria, so the criteria are loaded first.
-    """
-    criterion_names()
-    return RECOVERY_STEPS
 
 
 @dataclass(frozen=True)
@@ -60,7 +51,7 @@ def fields() -> list[Field]:
     """The form's parameters, step by step in registry order (the order of the form's inputs)."""
     return [
         Field(name, param, default)
-        for name, step in registered().items()
+        for name, step in RECOVERY_STEPS.items()
         for param, default in step.params().items()
         if isinstance(default, bool | int | float)
     ]
@@ -97,7 +88,7 @@ def build() -> RecoverPanel:
         "the saved plan JSON carries them and Export applies them."
     )
     steps = gr.Dropdown(
-        [(step.title, name) for name, step in registered().items()],
+        [(step.title, name) for name, step in RECOVERY_STEPS.items()],
         value=[],
         multiselect=True,
         label="Recovery steps, in the order they run",
@@ -105,7 +96,7 @@ def build() -> RecoverPanel:
     )
     groups, params = {}, []
     for name in with_parameters():
-        step = registered()[name]
+        step = RECOVERY_STEPS[name]
         with gr.Group(visible=False) as groups[name]:
             gr.Markdown(f"**{step.title}** · {step.paper}")
             with gr.Row():
@@ -142,7 +133,7 @@ def recipe(chosen: Sequence[str] | None, values: Sequence, previous: list[dict])
 
     Parameters the form does not show (a list of modules, say) are kept from ``previous``.
     """
-    steps = registered()
+    steps = RECOVERY_STEPS
     given = dict(zip(fields(), values, strict=True))
     before = {entry.get("step"): entry for entry in previous}
     out = []
@@ -188,7 +179,7 @@ def set_recovery(session: SessionState, chosen: list[str] | None, *values):
 
 def show(session: SessionState):
     """The form for the session's plan (after a plan is loaded or changed elsewhere)."""
-    steps = registered()
+    steps = RECOVERY_STEPS
     entries = {entry.get("step"): entry for entry in session.plan.recovery}
     chosen = [name for name in entries if name in steps]
     unknown = [str(name) for name in entries if name not in steps]
@@ -256,7 +247,7 @@ def run_recovery(session: SessionState, chosen: list[str] | None, request: gr.Re
         if not steps:
             raise PlanError("No recovery step is chosen. Choose at least one from the list.")
         session.plan.recovery = steps
-        selection = resolve(loaded, session.plan, lambda *_: None)
+        selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
         raise user_error(exc) from exc
     known, made_for = session.known_pruned_ppl(), session.recovery_key()

@@ -25,15 +25,14 @@ from typing import Any
 import gradio as gr
 from torch import nn
 
-from explorer.data import TextSource
+from explorer.catalogue import CRITERIA
 from explorer.errors import ExplorerError
-from explorer.importance import Needs, get_criterion
-from explorer.loading import load_model
-from explorer.plan import Plan
-from explorer.selection import Selection
+from explorer.planning.plan import Plan
+from explorer.planning.selection import Selection
+from explorer.progress import Progress
+from explorer.scoring.base import Needs
 from explorer.session import Explorer
 
-Progress = Callable[[float, str], None]
 # The default that tells Gradio to pass a progress tracker (it replaces it with one per call).
 TRACK = gr.Progress()
 # Head similarity needs attention probabilities; collecting them with the plan's criterion's needs
@@ -104,22 +103,21 @@ class Shared:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key]
-            progress(0.0, f"Loading {source}")
-            workspace = load_model(source, dtype=dtype, progress=_scaled(progress, 0.0, 0.6))
-            progress(0.65, "Reading calibration text")
-            calib_text = TextSource.from_dict(calibration).resolve("calibration", workspace)
-            progress(0.8, "Reading evaluation text")
-            eval_text = TextSource.from_dict(evaluation).resolve("evaluation", workspace)
-            explorer = Explorer.from_texts(
-                workspace,
-                calib_text,
-                eval_text,
+            recipe = Plan(
+                model=source,
+                calibration=calibration,
+                evaluation=evaluation,
                 calibration_windows=settings.calibration_windows,
                 calibration_length=settings.calibration_length,
+            )
+            explorer = Explorer.open(
+                recipe,
+                dtype=dtype,
                 evaluation_length=settings.evaluation_length,
                 evaluation_windows=settings.evaluation_windows,
+                progress=progress,
             )
-            entry = Loaded(key, explorer, workspace.summary())
+            entry = Loaded(key, explorer, explorer.workspace.summary())
             self._entries[key] = entry
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
@@ -186,23 +184,19 @@ def gradio_progress(progress: gr.Progress) -> Progress:
     return lambda fraction, message: progress(min(max(fraction, 0.0), 1.0), desc=message)
 
 
-def _scaled(progress: Progress, start: float, stop: float) -> Progress:
-    return lambda fraction, message: progress(start + (stop - start) * fraction, message)
-
-
 def scores(loaded: Loaded, criterion: str, reduction: str, progress: Progress) -> dict:
     """Scores of a criterion, with attention statistics collected in the same calibration pass."""
-    needs = get_criterion(criterion).needs | ATTENTION
+    needs = CRITERIA[criterion].needs | ATTENTION
     with SHARED.lock:
         loaded.explorer.statistics(needs, progress)
         return loaded.explorer.scores(criterion, reduction, progress)
 
 
-def resolve(loaded: Loaded, plan: Plan, progress: Progress) -> Selection:
+def select(loaded: Loaded, plan: Plan, progress: Progress) -> Selection:
     """The plan's selection; only the first use of a criterion computes anything heavy."""
     scores(loaded, plan.criterion, plan.reduction, progress)
     with SHARED.lock:
-        return loaded.explorer.resolve(plan)
+        return loaded.explorer.select(plan)
 
 
 class Stopped(Exception):

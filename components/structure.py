@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import gradio as gr
 import plotly.graph_objects as go
 
-from explorer.structure import Group, Kind, StructureMap
+from explorer.model.structure import Group, Kind, StructureMap
 
 from .state import SHARED, SessionState, api, human
 

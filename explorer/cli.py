@@ -16,30 +16,18 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import TextSource, builtin_text
+from .apply.pruning import prune_model
+from .catalogue import CRITERIA, RECOVERY_STEPS
+from .data import builtin_text, text_source
 from .errors import ExplorerError
 from .evaluate import perplexity
-from .gguf_export import GGUF_TYPES, SOURCE
-from .importance import REDUCTIONS, criterion_names
-from .loading import EMBEDDED, cache_root, load_model
-from .plan import Plan
-from .pruning import prune_model
-from .recovery import RECOVERY_STEPS
-from .selection import Selection
+from .export.gguf_writer import GGUF_TYPES, SOURCE
+from .export.report import pruning_report
+from .model.loading import EMBEDDED, cache_root, load_model
+from .planning.plan import Plan
+from .planning.selection import Selection
+from .scoring.base import REDUCTIONS
 from .session import Explorer
-
-
-def text_source(spec: str) -> dict:
-    """``builtin``, ``generated``, ``dataset:NAME[:CONFIG[:SPLIT[:FIELD]]]`` or a file path."""
-    if spec == "builtin":
-        return {"kind": "builtin"}
-    if spec == "generated":
-        return {"kind": "generated"}
-    if spec.startswith("dataset:"):
-        parts = spec.split(":")[1:]
-        keys = ("name", "config", "split", "field")
-        return {"kind": "dataset", **{k: v for k, v in zip(keys, parts, strict=False) if v}}
-    return {"kind": "file", "path": spec}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     prune = sub.add_parser("prune", help="score, plan, and report perplexity before/after")
     _common(prune)
-    prune.add_argument("--criterion", choices=criterion_names(), default=None)
+    prune.add_argument("--criterion", choices=CRITERIA.names(), default=None)
     prune.add_argument("--reduction", choices=REDUCTIONS, default=None)
     prune.add_argument(
         "--target", type=float, default=None, help="share of decoder-block parameters to remove"
@@ -144,7 +132,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         spec = getattr(args, key, None)
         if spec is not None:
             setattr(plan, key, text_source(spec))
-    plan.check()
+    plan.check(criteria=CRITERIA)
     return plan
 
 
@@ -170,23 +158,6 @@ def _with_bar(desc: str, fn, *args, **kwargs):
         bar.close()
 
 
-def open_explorer(plan: Plan, args: argparse.Namespace) -> Explorer:
-    """Load the plan's model and data."""
-    ws = _with_bar("load model", load_model, plan.model, dtype=args.dtype, device=args.device)
-    calib = TextSource.from_dict(plan.calibration).resolve("calibration", ws)
-    evaluation = TextSource.from_dict(plan.evaluation).resolve("evaluation", ws)
-    return Explorer.from_texts(
-        ws,
-        calib,
-        evaluation,
-        calibration_windows=plan.calibration_windows,
-        calibration_length=plan.calibration_length,
-        evaluation_length=args.eval_length,
-        evaluation_windows=args.eval_windows,
-        seed=plan.seed,
-    )
-
-
 def print_selection(ex: Explorer, sel: Selection) -> None:
     s = ex.structure
     print("layer  heads kept  kv kept  mlp kept   (removed: heads / mlp channels)")
@@ -205,11 +176,19 @@ def print_selection(ex: Explorer, sel: Selection) -> None:
 
 
 def run(plan: Plan, args: argparse.Namespace) -> dict:
-    """Score, resolve, evaluate (and export): prints a report, returns it as a dict."""
+    """Score, select, evaluate (and export): prints a report, returns it as a dict."""
     started = time.perf_counter()
-    ex = open_explorer(plan, args)
+    ex = _with_bar(
+        "load model",
+        Explorer.open,
+        plan,
+        dtype=args.dtype,
+        device=args.device,
+        evaluation_length=args.eval_length,
+        evaluation_windows=args.eval_windows,
+    )
     t0 = time.perf_counter()
-    sel = _with_bar(f"score ({plan.criterion})", ex.resolve, plan)
+    sel = _with_bar(f"score ({plan.criterion})", ex.select, plan)
     scoring_s = time.perf_counter() - t0
     sizes = ex.sizes(sel)
     dense = _with_bar("dense perplexity", ex.dense_perplexity)
@@ -234,7 +213,7 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         f"perplexity ({ex.evaluation.shape[0]} x {ex.evaluation.shape[1]} tokens): "
         f"dense {dense:.2f} -> pruned {pruned:.2f}"
     )
-    pruned_model = None
+    pruned_model = recovered = None
     if plan.recovery:
         pruned_model, steps = _with_bar("recovery", ex.recover, sel, plan.recovery)
         recovered = _with_bar("recovered perplexity", perplexity, pruned_model, ex.evaluation)
@@ -243,21 +222,11 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         print(f"\nprompt: {args.prompt}")
         print("dense :", ex.generate(Selection(), args.prompt)[0])
         print("pruned:", ex.generate(sel, args.prompt)[0])
-    report = {
-        "criterion": plan.criterion,
-        "reduction": plan.reduction,
-        "perplexity_before": dense,
-        "perplexity_after": pruned,
-        "scoring_seconds": scoring_s,
-        "recovery": plan.recovery,
-        "evaluation": {"windows": ex.evaluation.shape[0], "length": ex.evaluation.shape[1]},
-        **sizes,
-    }
-    if pruned_model is not None:
-        report["perplexity_after"] = recovered
-        report["perplexity_before_recovery"] = pruned
+    report = pruning_report(
+        plan, sizes, ex.evaluation.shape, dense, pruned, recovered, scoring_seconds=scoring_s
+    )
     if args.out:
-        from .export import export_model
+        from .export.writer import export_model
 
         report["total_seconds"] = time.perf_counter() - started
         result = _with_bar(
@@ -284,18 +253,20 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Zero-shot accuracy of an export folder, a model source, or a plan applied to a source."""
-    from .zero_shot import zero_shot
+    from .export.writer import load_pruned
+    from .zero_shot import GGUF_HINT, zero_shot
 
     folder = Path(args.model).expanduser()
     if args.plan is not None:
         plan = Plan.load(args.plan)
         plan.model = args.model
-        args.eval_length, args.eval_windows = 256, None
-        ex = open_explorer(plan, args)
-        sel = _with_bar(f"score ({plan.criterion})", ex.resolve, plan)
+        ex = _with_bar("load model", Explorer.open, plan, dtype=args.dtype, device=args.device)
+        sel = _with_bar(f"score ({plan.criterion})", ex.select, plan)
         model, tokenizer = prune_model(ex.model, ex.structure, sel), ex.workspace.tokenizer
-    elif (folder / "config.json").is_file() or any(folder.glob("*.gguf")):
-        model, tokenizer = folder, None
+    elif folder.is_dir() and any(folder.glob("*.gguf")) and not (folder / "config.json").exists():
+        raise ExplorerError(f"'{folder}' holds a GGUF file. {GGUF_HINT}")
+    elif (folder / "config.json").is_file():
+        model, tokenizer = load_pruned(folder, dtype=args.dtype, device=args.device)
     else:
         ws = _with_bar("load model", load_model, args.model, dtype=args.dtype, device=args.device)
         model, tokenizer = ws.model, ws.tokenizer
@@ -316,9 +287,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 def fetch(model: str) -> None:
     """Cache an embedded model and the built-in corpus, so later runs need no network."""
     _with_bar("fetch model", load_model, model)
-    for split in ("calibration", "evaluation"):
+    for split in ("calibration", "evaluation", "offdomain"):
         builtin_text(split)
-    print(f"cached {model} and the Lee corpus in {cache_root()}")
+    print(f"cached {model}, the Lee corpus and the off-domain text in {cache_root()}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,12 +8,14 @@ predicted tokens), every window's first token serving only as context.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .progress import Progress
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -65,7 +67,7 @@ def perplexity(
     windows: torch.Tensor,
     *,
     batch_size: int = 4,
-    progress: Callable[[float, str], None] | None = None,
+    progress: Progress | None = None,
 ) -> float:
     """Perplexity over all ``windows``; ``progress(fraction, message)`` after every batch."""
     step = None

@@ -2,33 +2,32 @@
 
 The expensive things are computed once and kept: the structure map, the calibration statistics
 (one pass collects what every requested criterion needs; a later criterion re-uses them when they
-cover it), scores per (criterion, reduction), and the dense perplexity. Plans resolve against the
+cover it), scores per (criterion, reduction), and the dense perplexity. Plans are allocated on the
 cached scores, so changing a ratio never re-reads the data.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
-from .data import ensure_disjoint, token_windows
+from .apply.masking import masked
+from .apply.preview import LivePreview
+from .apply.pruning import prune_model
+from .catalogue import CRITERIA, RECOVERY_STEPS
+from .data import TextSource, ensure_disjoint, token_windows
 from .evaluate import PerplexityStep, generate, perplexity, token_logprobs
-from .families import family_for
-from .importance import Needs, ScoreContext, Scores, get_criterion
-from .loading import Workspace
-from .masking import masked
-from .plan import Plan, resolve
-from .preview import LivePreview
-from .pruning import prune_model
-from .recovery import RecoveryContext, run_steps
-from .selection import Selection, flops_per_token, param_counts
-from .statistics import Statistics, collect_statistics
-from .structure import StructureMap
-
-Progress = Callable[[float, str], None]
-KINDS = ("head", "kv", "mlp", "layer")  # scored for every plan; hidden channels on demand
+from .model.families import family_for
+from .model.loading import Workspace, load_model
+from .model.structure import StructureMap
+from .planning.plan import Plan, allocate
+from .planning.selection import Selection, flops_per_token, param_counts
+from .progress import Progress
+from .recovery.steps import RecoveryContext, run_steps
+from .scoring.base import SCORED_KINDS, ScoreContext, Scores
+from .scoring.statistics import Needs, Statistics, collect_statistics
 
 
 @dataclass
@@ -72,6 +71,46 @@ class Explorer:
         evaluation = token_windows(tok, evaluation_text, evaluation_length, evaluation_windows)
         return cls(workspace, calib, evaluation, seed=seed)
 
+    @classmethod
+    def open(
+        cls,
+        plan: Plan,
+        *,
+        dtype: str = "float32",
+        device: str | None = None,
+        evaluation_length: int = 256,
+        evaluation_windows: int | None = None,
+        progress: Progress | None = None,
+    ) -> Explorer:
+        """Load the plan's model and read its calibration and evaluation texts.
+
+        The one way into the library from a recipe: the CLI, the app and the benchmarks all open
+        their session here, so they cut the same windows from the same texts. Only the plan's
+        model, texts, window settings and seed are read; ``plan.check`` is the caller's business.
+        """
+        report = progress or (lambda *_: None)
+        report(0.0, f"Loading {plan.model}")
+        workspace = load_model(
+            plan.model,
+            dtype=dtype,
+            device=device,
+            progress=lambda f, message: report(0.6 * f, message),
+        )
+        report(0.65, "Reading calibration text")
+        calibration = TextSource.from_dict(plan.calibration).read("calibration", workspace)
+        report(0.8, "Reading evaluation text")
+        evaluation = TextSource.from_dict(plan.evaluation).read("evaluation", workspace)
+        return cls.from_texts(
+            workspace,
+            calibration,
+            evaluation,
+            calibration_windows=plan.calibration_windows,
+            calibration_length=plan.calibration_length,
+            evaluation_length=evaluation_length,
+            evaluation_windows=evaluation_windows,
+            seed=plan.seed,
+        )
+
     @property
     def model(self):
         return self.workspace.model
@@ -101,8 +140,8 @@ class Explorer:
         Hidden channels are scored only when ``hidden`` asks for them: only plans that cut them
         need those scores.
         """
-        crit = get_criterion(criterion)
-        kinds = KINDS + (("hidden",) if hidden else ())
+        crit = CRITERIA[criterion]
+        kinds = SCORED_KINDS + (("hidden",) if hidden else ())
         key = (criterion, reduction if crit.uses_reduction else "-", kinds)
         if key not in self._scores:
             needs = crit.needs | Needs(embeddings=hidden and crit.needs.gradients)
@@ -113,11 +152,11 @@ class Explorer:
             self._scores[key] = crit.score(ctx)
         return self._scores[key]
 
-    def resolve(self, plan: Plan, progress: Progress | None = None) -> Selection:
-        """The selection ``plan`` gives on this model."""
-        plan.check(self.structure.num_layers)
+    def select(self, plan: Plan, progress: Progress | None = None) -> Selection:
+        """The selection ``plan`` gives on this model: its criterion's scores, allocated."""
+        plan.check(self.structure.num_layers, CRITERIA)
         scores = self.scores(plan.criterion, plan.reduction, progress, hidden=plan.hidden_ratio > 0)
-        return resolve(plan, self.structure, scores)
+        return allocate(plan, self.structure, scores)
 
     # -- preview ------------------------------------------------------------------------------------
     def dense_perplexity(self, progress: Progress | None = None) -> float:
@@ -174,7 +213,7 @@ class Explorer:
         ctx = RecoveryContext(
             self.model, pruned, self.structure, selection, self.calibration, self._stats, progress
         )
-        return pruned, run_steps(steps, ctx)
+        return pruned, run_steps(steps, ctx, RECOVERY_STEPS)
 
     def sizes(self, selection: Selection, context: int | None = None) -> dict[str, float]:
         """Parameter counts and FLOPs per token before and after ``selection``."""

@@ -6,10 +6,10 @@ offline: ``lee_cloze``, multiple-choice sentence completions built from the Lee 
 documents (``build_lee_cloze``). lm-eval scores each choice by the model's log-likelihood of it
 after the context (``acc``; ``acc_norm`` divides by the choice's length in bytes).
 
-``zero_shot`` accepts a model in memory (lm-eval's ``HFLM`` wraps the object itself) or an export
-folder (loaded with ``load_pruned``, so per-layer sizes need no remote code); both give the same
-numbers for the same weights. GGUF files are not evaluated here: lm-eval reaches llama.cpp only
-through a running ``llama-server``.
+``zero_shot`` takes a model in memory (lm-eval's ``HFLM`` wraps the object itself): the pruned
+model of a session, or an export loaded with ``load_pruned`` (per-layer sizes need no remote code);
+both give the same numbers for the same weights. GGUF files are not evaluated here: lm-eval
+reaches llama.cpp only through a running ``llama-server`` (``GGUF_HINT``).
 """
 
 from __future__ import annotations
@@ -27,6 +27,11 @@ from .errors import ExplorerError
 TASKS_DIR = Path(__file__).with_name("tasks")
 LOCAL_TASKS = {"lee_cloze": TASKS_DIR / "lee_cloze"}
 CHOICES = 4
+GGUF_HINT = (
+    "lm-eval runs GGUF files only through llama.cpp's server: start `llama-server -m FILE` and use "
+    "`lm_eval --model gguf --model_args base_url=http://127.0.0.1:8080`, or evaluate the "
+    "transformers export."
+)
 CONTINUATION_WORDS = 3
 
 
@@ -69,15 +74,15 @@ def task_names(tasks: str | list[str]) -> list[str]:
 
 
 def zero_shot(
-    model: nn.Module | str | Path,
-    tokenizer=None,
+    model: nn.Module,
+    tokenizer,
     tasks: str | list[str] = "lee_cloze",
     *,
     limit: int | None = None,
     batch_size: int = 8,
     device: str | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` from lm-eval for a model object or an export folder.
+    """``{task: {metric: value}}`` from lm-eval for a model (an export: ``load_pruned`` it first).
 
     ``limit``: at most this many questions per task. Tasks other than the local ones are looked up
     in lm-eval's catalogue and download their data (they need network).
@@ -90,8 +95,6 @@ def zero_shot(
         raise ExplorerError(
             "lm-evaluation-harness is not installed. Install it with: pip install lm-eval"
         ) from exc
-    if not isinstance(model, nn.Module):
-        model, tokenizer = _load_export(Path(model), device)
     if tokenizer is None:
         raise ExplorerError("Pass the tokenizer with the model (zero_shot(model, tokenizer, ...)).")
     names = task_names(tasks)
@@ -132,15 +135,3 @@ def _local_tasks(folder: Path, names: list[str]) -> str:
         config["dataset_kwargs"] = {"data_files": {"test": str(source / f"{name}.jsonl")}}
         (folder / f"{name}.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     return str(folder)
-
-
-def _load_export(folder: Path, device: str | None) -> tuple[nn.Module, object]:
-    from .export import load_pruned
-
-    if any(folder.glob("*.gguf")) and not (folder / "config.json").is_file():
-        raise ExplorerError(
-            f"'{folder}' holds a GGUF file, which lm-eval runs only through llama.cpp's server: "
-            "start `llama-server -m FILE` and use `lm_eval --model gguf --model_args "
-            "base_url=http://127.0.0.1:8080`, or evaluate the transformers export."
-        )
-    return load_pruned(folder, device=device)

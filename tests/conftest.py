@@ -61,6 +61,20 @@ def _tokenizer(add_bos: bool):
     )
 
 
+# Disjoint calibration and evaluation texts in the tiny tokenizers' words.
+CALIBRATION = "\n\n".join(SENTENCES[:3] * 20)
+EVALUATION = "\n\n".join(SENTENCES[3:] * 12)
+
+
+@pytest.fixture
+def texts(tmp_path):
+    """``CALIBRATION`` and ``EVALUATION`` as files: (calibration path, evaluation path)."""
+    calib, evaluation = tmp_path / "calib.txt", tmp_path / "eval.txt"
+    calib.write_text(CALIBRATION)
+    evaluation.write_text(EVALUATION)
+    return calib, evaluation
+
+
 @pytest.fixture
 def sentences() -> list[str]:
     """The words the tiny tokenizers know."""
@@ -82,22 +96,23 @@ def tiny_bos_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A random 2-layer GQA Llama saved with its tokenizer, as a user's local model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tests.tiny import tiny_model
 
     tokenizer = _tokenizer(add_bos=False)
-    torch.manual_seed(0)
-    config = LlamaConfig(
+    model = tiny_model(
+        "llama",
+        perturb=False,
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
+        head_dim=16,
         vocab_size=len(tokenizer),
         tie_word_embeddings=False,
     )
     folder = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -105,11 +120,7 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real SmolLM2-135M with the Lee corpus: 10 x 64 calibration, 4 x 256 evaluation tokens."""
-    from explorer.data import builtin_text
-    from explorer.loading import load_model
+    from explorer.planning.plan import Plan
     from explorer.session import Explorer
 
-    ws = load_model("smollm2-135m")
-    return Explorer.from_texts(
-        ws, builtin_text("calibration"), builtin_text("evaluation"), evaluation_windows=4
-    )
+    return Explorer.open(Plan(), evaluation_windows=4)

@@ -1,4 +1,8 @@
-"""Tiny random models of every supported family, built from configs: fast and offline."""
+"""The one tiny-model factory: random models of every supported family, fast and offline.
+
+Every test that needs a model builds it here (``tiny``/``tiny_model``; the ``tiny_llama_dir``
+fixture saves one to disk), so the shapes the suite runs on are defined in one place.
+"""
 
 from __future__ import annotations
 
@@ -7,65 +11,102 @@ from transformers import (
     AutoModelForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
+    MistralConfig,
     Qwen2Config,
     Qwen3Config,
 )
 
-from explorer.families import family_for
-from explorer.structure import StructureMap
+from explorer.model.families import family_for
+from explorer.model.structure import StructureMap
 
 VOCAB = 97
 
 CONFIGS = {
-    "llama": lambda: LlamaConfig(
-        hidden_size=48,
-        intermediate_size=40,
-        num_hidden_layers=3,
-        num_attention_heads=6,
-        num_key_value_heads=2,
-        head_dim=8,
-        vocab_size=VOCAB,
-        tie_word_embeddings=True,
+    "llama": (
+        LlamaConfig,
+        dict(
+            hidden_size=48,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=8,
+            vocab_size=VOCAB,
+            tie_word_embeddings=True,
+        ),
     ),
-    "qwen2": lambda: Qwen2Config(
-        hidden_size=48,
-        intermediate_size=40,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=VOCAB,
-        tie_word_embeddings=False,
+    "qwen2": (
+        Qwen2Config,
+        dict(
+            hidden_size=48,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=VOCAB,
+            tie_word_embeddings=False,
+        ),
     ),
-    "qwen3": lambda: Qwen3Config(
-        hidden_size=48,
-        intermediate_size=40,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=VOCAB,
-        tie_word_embeddings=True,
+    "qwen3": (
+        Qwen3Config,
+        dict(
+            hidden_size=48,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            vocab_size=VOCAB,
+            tie_word_embeddings=True,
+        ),
     ),
-    "gemma3": lambda: Gemma3TextConfig(
-        hidden_size=48,
-        intermediate_size=40,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=1,
-        head_dim=32,
-        query_pre_attn_scalar=32,  # as in the real Gemma3 models: scores scaled by 1/sqrt(head_dim)
-        vocab_size=VOCAB,
-        sliding_window=8,
+    "gemma3": (
+        Gemma3TextConfig,
+        dict(
+            hidden_size=48,
+            intermediate_size=40,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=1,
+            head_dim=32,
+            vocab_size=VOCAB,
+            sliding_window=8,
+        ),
+    ),
+}
+# Families one test covers on its own, outside the parametrised ones above.
+EXTRA_CONFIGS = {
+    "mistral": (
+        MistralConfig,
+        dict(
+            hidden_size=48,
+            intermediate_size=40,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            vocab_size=VOCAB,
+        ),
     ),
 }
 
 
-def tiny_model(name: str, seed: int = 0, vocab: int = VOCAB):
-    """A random fp32 model of family ``name`` with non-trivial norms and biases."""
+def tiny_config(name: str, **fields):
+    """The tiny config of family ``name``, with ``fields`` replacing its defaults."""
+    config_class, defaults = {**CONFIGS, **EXTRA_CONFIGS}[name]
+    return config_class(**{**defaults, **fields})
+
+
+def tiny_model(name: str, seed: int = 0, *, perturb: bool = True, **fields):
+    """A random fp32 model of family ``name`` (config ``fields`` as in ``tiny_config``).
+
+    ``perturb`` gives it non-trivial norms and biases, which random init leaves at 1 and 0.
+    """
     torch.manual_seed(seed)
-    cfg = CONFIGS[name]()
-    cfg.vocab_size = vocab
+    cfg = tiny_config(name, **fields)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    if not perturb:
+        return model
     with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
@@ -73,9 +114,9 @@ def tiny_model(name: str, seed: int = 0, vocab: int = VOCAB):
     return model
 
 
-def tiny(name: str, seed: int = 0, vocab: int = VOCAB):
+def tiny(name: str, seed: int = 0):
     """(model, structure) for a tiny random model of family ``name``."""
-    model = tiny_model(name, seed, vocab)
+    model = tiny_model(name, seed)
     return model, StructureMap(model, family_for(model))
 
 

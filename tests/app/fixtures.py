@@ -1,0 +1,159 @@
+"""Fixtures of the app tests: one app server per test run, a socket guard, Debian's chromium.
+
+The server runs the real app on the embedded SmolLM2 with a small evaluation set (4 windows of
+256 tokens) and 4 calibration windows, so a run stays short on two cores; ``python app.py`` uses
+the full defaults. Both the browser and the API tests share it (session scope), so the model loads
+once. Nothing here may reach the network: the socket guard refuses and records every connection to
+a non-loopback address from this process, and the browser fixture records every request the page
+makes to anything but the app.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+# Before gradio (or the hub client) is imported anywhere in the test process.
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+os.environ["no_proxy"] = "127.0.0.1,localhost"
+
+ROOT = Path(__file__).resolve().parents[2]
+SCREENSHOTS = ROOT / "assets" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
+EVAL_WINDOWS = 4
+CALIBRATION_WINDOWS = 4
+
+
+def _is_loopback(address) -> bool:
+    if not isinstance(address, tuple):  # AF_UNIX paths
+        return True
+    host = address[0]
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def outbound() -> Iterator[list]:
+    """Every non-loopback address this process tried to connect to (each attempt refused)."""
+    attempts: list = []
+    original = socket.socket.connect
+    original_ex = socket.socket.connect_ex
+
+    def guard(method):
+        def connect(self, address):
+            if not _is_loopback(address):
+                attempts.append(address)
+                raise ConnectionRefusedError(f"test socket guard: no connection to {address}")
+            return method(self, address)
+
+        return connect
+
+    socket.socket.connect = guard(original)
+    socket.socket.connect_ex = guard(original_ex)
+    try:
+        yield attempts
+    finally:
+        socket.socket.connect = original
+        socket.socket.connect_ex = original_ex
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def app_url(outbound) -> Iterator[str]:
+    """The app, on a free loopback port, for the whole test run."""
+    import app
+
+    demo = app.build_app(eval_windows=EVAL_WINDOWS, calibration_windows=CALIBRATION_WINDOWS)
+    port = free_port()
+    app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        demo.close()
+
+
+@pytest.fixture(scope="session")
+def browser_context(app_url, tmp_path_factory):
+    """Debian's chromium driven by Playwright (never ``playwright install``)."""
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        context = p.chromium.launch_persistent_context(
+            user_data_dir=str(tmp_path_factory.mktemp("chromium")),
+            executable_path=CHROMIUM,
+            headless=True,
+            accept_downloads=True,
+            viewport={"width": 1400, "height": 1000},
+            args=CHROMIUM_ARGS,
+        )
+        try:
+            yield context
+        finally:
+            context.close()
+
+
+@pytest.fixture(scope="session")
+def page_requests() -> list[str]:
+    """URLs pages asked for outside the app (fonts, CDNs, analytics...): must stay empty."""
+    return []
+
+
+@pytest.fixture
+def page(browser_context, app_url, page_requests):
+    """A fresh page (a new Gradio session) with the default model loaded."""
+    page = browser_context.new_page()
+    page.on(
+        "request",
+        lambda r: (
+            None
+            if r.url.startswith((app_url.rstrip("/"), "data:", "blob:"))
+            else page_requests.append(r.url)
+        ),
+    )
+    page.goto(app_url)
+    page.wait_for_selector("#model-status:has-text('Loaded smollm2-135m')", timeout=300_000)
+    try:
+        yield page
+    finally:
+        page.close()
+
+
+@pytest.fixture(scope="session")
+def client_factory(app_url):
+    """New ``gradio_client.Client`` sessions on the app (each is its own Gradio session)."""
+    from gradio_client import Client
+
+    def make() -> Client:
+        return Client(app_url, analytics_enabled=False, verbose=False)
+
+    return make

@@ -1,0 +1,94 @@
+"""The command line: every criterion, bad input, recovery and export, a saved plan replayed."""
+
+import json
+import math
+
+import pytest
+
+from explorer.catalogue import CRITERIA
+from explorer.cli import main
+from explorer.planning.plan import Plan
+
+
+def test_cli_prunes_a_local_model_with_every_criterion(tiny_llama_dir, texts, capsys):
+    calib, evaluation = texts
+    for criterion in CRITERIA.names():
+        code = main(
+            [
+                "prune",
+                "--model",
+                str(tiny_llama_dir),
+                "--criterion",
+                criterion,
+                "--target",
+                "0.3",
+                "--calibration",
+                str(calib),
+                "--evaluation",
+                str(evaluation),
+                "--eval-length",
+                "16",
+                "--calibration-length",
+                "16",
+            ]
+        )
+        out, err = capsys.readouterr()
+        assert code == 0, (criterion, err[-300:])
+        assert "of block parameters removed" in out and "perplexity" in out
+        pruned = float(out.split("pruned ")[-1].split()[0])
+        assert math.isfinite(pruned)
+
+
+def test_cli_reports_bad_input(tiny_llama_dir, texts, tmp_path, capsys):
+    calib, _ = texts
+    bad_plan = tmp_path / "bad.json"
+    bad_plan.write_text('{"target": 7}')
+    cases = [
+        (["prune", "--model", str(tmp_path / "nope")], "No model"),
+        (["prune", "--plan", str(bad_plan)], "out of range"),
+        (
+            ["prune", "--model", str(tiny_llama_dir), "--calibration", str(calib)]
+            + ["--evaluation", str(calib)],
+            "same",
+        ),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "error: " in err and message.lower() in err.lower(), err
+
+
+def test_cli_recovers_and_exports(tiny_llama_dir, texts, tmp_path, capsys):
+    calib, evaluation = texts
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_llama_dir), "--criterion", "wanda_sp"]
+    argv += ["--target", "0.3", "--calibration", str(calib), "--evaluation", str(evaluation)]
+    argv += ["--eval-length", "16", "--calibration-length", "16", "--recovery", "layerwise"]
+    assert main([*argv, "--out", str(out), "--save-plan", str(tmp_path / "plan.json")]) == 0
+    text = capsys.readouterr().out
+    assert "after recovery (layerwise)" in text and "exported to" in text
+    report = json.loads((out / "report.json").read_text())
+    assert json.loads((out / "plan.json").read_text())["recovery"] == [{"step": "layerwise"}]
+    recovered = float(text.split("after recovery (layerwise): perplexity ")[1].split()[0])
+    assert report["perplexity_after"] == pytest.approx(recovered, abs=0.006)
+    # The folder is refused a second time unless --overwrite.
+    assert main([*argv, "--out", str(out)]) == 2
+    assert "not empty" in capsys.readouterr().err.lower()
+    # The saved plan replays through the export command.
+    replay = ["export", "--plan", str(tmp_path / "plan.json"), "--out", str(tmp_path / "again")]
+    assert main([*replay, "--eval-length", "16"]) == 0
+
+
+def test_cli_runs_the_greedy_obs_plan_with_its_update(tiny_llama_dir, texts, tmp_path, capsys):
+    """The best setting of bench/methods.py, from the command line: MLP only, global, capped."""
+    calib, evaluation = texts
+    argv = ["prune", "--model", str(tiny_llama_dir), "--criterion", "obs", "--target", "0.2"]
+    argv += ["--allocation", "global", "--head-ratio", "0", "--max-ratio", "0.5"]
+    argv += ["--calibration", str(calib), "--evaluation", str(evaluation), "--recovery", "surgeon"]
+    argv += ["--eval-length", "16", "--calibration-length", "16"]
+    assert main([*argv, "--save-plan", str(tmp_path / "plan.json")]) == 0
+    text = capsys.readouterr().out
+    recovered = float(text.split("after recovery (surgeon): perplexity ")[1].split()[0])
+    assert math.isfinite(recovered)  # the update's benefit is tested in test_surgeon.py
+    plan = Plan.load(tmp_path / "plan.json")
+    assert (plan.max_ratio, plan.head_ratio, plan.allocation) == (0.5, 0.0, "global")
