@@ -87,6 +87,26 @@ def tiny_tokenizer():
     return _tokenizer(add_bos=False)
 
 
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (the kind GGUF vocabularies are written from) of 300 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(SENTENCES, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
 @pytest.fixture
 def tiny_bos_tokenizer():
     """Puts BOS in front of every text, like Gemma's."""

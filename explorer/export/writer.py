@@ -16,10 +16,14 @@ transformers cannot rebuild because layer widths differ. An export here is a tra
   transformers. Otherwise (Qwen2, Mistral, any ``down_proj`` bias outside Llama) the config lists
   them in ``extra_biases`` and the folder loads through the modeling file, like per-layer sizes.
 
+Or, with ``format="gguf"``, one llama.cpp file instead of the transformers files
+(``gguf_writer``: the family's architecture, or ``deci`` for per-layer sizes).
+
 Beside the weights: ``plan.json`` (the caller's recipe, as given), ``selection.json`` (exactly
-which units went, so the export replays without re-scoring) and ``report.json`` (parameter
+which units went, so the export replays without re-scoring), ``report.json`` (parameter
 counts per layer, totals, perplexities the caller measured, criterion, time, library versions and
-the verification result). Every export is reloaded the way a user would load it and its logits are
+the verification result) and ``README.md`` (``model_card``: the Hugging Face model card). Every
+export is reloaded the way a user would load it and its logits are
 compared with the in-memory pruned model before the folder appears at its path: everything is
 written to a hidden temporary folder beside the target and renamed into place only once verified.
 """

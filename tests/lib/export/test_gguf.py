@@ -16,7 +16,6 @@ from explorer.export.writer import export_model
 from explorer.model.families import family_for
 from explorer.model.structure import StructureMap
 from explorer.planning.selection import Selection
-from tests.conftest import SENTENCES
 from tests.lib.export.test_writer import per_layer_selection, uniform_selection
 from tests.tiny import CONFIGS, tiny, tiny_model, tokens
 
@@ -26,26 +25,6 @@ TINY_TOLERANCE = 2e-3
 REAL_TOLERANCE = 1e-2
 ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma3": "gemma3"}
 PER_LAYER = ("llama", "qwen2")  # expressible as llama.cpp's "deci"
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    """A byte-level BPE tokenizer (the kind GGUF vocabularies are written from) of 300 tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(SENTENCES, trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
-    )
 
 
 def tiny_bpe(family: str, **fields):
