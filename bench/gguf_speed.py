@@ -1,9 +1,11 @@
 """GGUF exports in llama.cpp next to transformers: file size, perplexity and generation tokens/s of
 the dense SmolLM2-135M and its 20% export, in one run.
 
-The pruned model is the uniform plan "L2, 20% of the decoder-block parameters" (as in
-``bench/speed.py``). Both models are written as GGUF by ``explorer.export`` in f16 and q8_0 (the
-dense one from the same de-quantised weights, so both sides carry the same rounding) and run
+The pruned model is the uniform plan "Wanda-sp, 20% of the decoder-block parameters, every
+attention head kept" (MLP channels only, the better choice on this small GQA model), kept MLP
+widths rounded to a multiple of 32 so that every matrix fills whole quantisation blocks. Both
+models are written as GGUF by ``explorer.export`` in f16 and q8_0 (the dense one from the same
+de-quantised weights, so both sides carry the same rounding) and run
 through llama-cpp-python; the embedded source file (Q4_1, as published) runs beside them. The
 transformers rows load the same weights in fp32. Perplexity: the project's evaluation protocol
 (Lee test documents, 256-token windows, summed cross-entropy) on ``--windows`` windows, in each
@@ -60,6 +62,8 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", type=float, default=0.2)
+    parser.add_argument("--criterion", default="wanda_sp")
+    parser.add_argument("--round-to", type=int, default=32, help="kept MLP width multiple")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--windows", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -71,8 +75,14 @@ def main() -> None:
     machine = machine_line(ex)
     windows = ex.evaluation.cpu()
     prompt = windows[:1, :32]
-    plan = Plan(criterion="l2", target=args.target)
+    plan = Plan(
+        criterion=args.criterion, target=args.target, head_ratio=0.0, round_to=args.round_to
+    )
     sel = ex.select(plan)
+    widths = sorted(
+        {sel.kept(ex.structure, i)["intermediate"] for i in sel.kept_layers(ex.structure)}
+    )
+    sizes_line = "/".join(map(str, widths)) + f" of {ex.structure.intermediate}"
     tmp = Path(tempfile.mkdtemp(prefix="bench-gguf-"))
     files: dict[str, Path] = {"dense Q4_1 (source file)": source_gguf(ex.model)}
     for outtype in TYPES:
@@ -132,7 +142,8 @@ def main() -> None:
     text = "\n".join(
         [
             f"Dense SmolLM2-135M and its export pruned uniformly by {args.target:.0%} of the "
-            f"decoder-block parameters (L2), in llama.cpp (llama-cpp-python, GGUF written by "
+            f"decoder-block parameters ({args.criterion}, every head kept, MLP widths "
+            f"{sizes_line}), in llama.cpp (llama-cpp-python, GGUF written by "
             f"`--format gguf`, arch `llama`) and in transformers (fp32 safetensors). Perplexity on "
             f"{windows.shape[0]} x {windows.shape[1]} Lee test tokens in each runtime; generation "
             f"greedy, batch 1, {args.new_tokens} new tokens after a {prompt.shape[1]}-token "
