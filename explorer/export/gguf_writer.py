@@ -185,12 +185,10 @@ def write_gguf(
     vocab_rows = get_module(model, family.embed).weight.shape[0]
     tokenizer_source = _write_vocab(writer, tokenizer, source, vocab_rows)
     types: dict[str, int] = {}
-    count = 0
     for name, tensor in _tensors(model, family, arch, shapes):
         data, qtype = _encode(tensor, outtype)
         writer.add_tensor(name, data, raw_dtype=qtype)
         types[qtype.name] = types.get(qtype.name, 0) + 1
-        count += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -201,7 +199,7 @@ def write_gguf(
         "architecture": arch,
         "outtype": outtype,
         "tensor_types": types,
-        "tensors": count,
+        "tensors": sum(types.values()),
         "uniform": uniform,
         "layer_sizes": [vars(s) for s in shapes],
         "tokenizer": tokenizer_source,
