@@ -168,7 +168,7 @@ def test_smollm2_gguf_matches_transformers_in_llama_cpp_and_generates(
 
     ex = smollm2
     plan = Plan(criterion="l2", allocation=allocation, target=0.2)
-    sel = ex.resolve(plan)
+    sel = ex.select(plan)
     result = export_model(
         ex.model, ex.workspace.tokenizer, ex.structure, sel, tmp_path / "out",
         plan=plan.to_dict(), format="gguf", gguf_type="f32", verify_ids=ex.evaluation[:1, :64],
