@@ -1,11 +1,14 @@
 """Pruning Explorer: see a model's structure, tune a pruning plan, watch the model change, export.
 
-    python app.py [--host 127.0.0.1] [--port 7860]
+    python app.py [--host 127.0.0.1] [--port 7860] [--allow-path DIR] [--allow-hub ID]
+                  [--export-root DIR] [--max-upload-mb 10] [--trust-remote-code] ...
 
 Opens on the embedded SmolLM2-135M and the built-in Lee corpus (loaded on the first page load,
 with a progress bar). Without --host/--port, Gradio's GRADIO_SERVER_NAME / GRADIO_SERVER_PORT
 apply; the default is loopback only. Each tab is one module of ``components/``, which only calls
-the ``explorer`` library.
+the ``explorer`` library. What a client may make the server read, write and run is the
+operator's ``AccessPolicy`` (``explorer/policy.py``), set by the flags below and the same for
+every client; the defaults are safe on a network address.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -33,7 +37,10 @@ from components import (  # noqa: E402
     structure,
 )
 from components.state import SessionState, Settings  # noqa: E402
+from explorer.errors import ExplorerError  # noqa: E402
+from explorer.model.loading import cache_root  # noqa: E402
 from explorer.planning.plan import Plan  # noqa: E402
+from explorer.policy import AccessPolicy  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 TITLE = "Pruning Explorer"
@@ -44,15 +51,21 @@ def build_app(
     default_model: str = "smollm2-135m",
     calibration_windows: int = 10,
     eval_windows: int | None = None,
+    policy: AccessPolicy | None = None,
 ) -> gr.Blocks:
-    """The app. ``eval_windows`` limits the evaluation windows (tests use a few; None: all)."""
+    """The app. ``eval_windows`` limits the evaluation windows (tests use a few; None: all).
+
+    ``policy``: what clients may do (default: the safe defaults of ``AccessPolicy.make``); the
+    start-up model and Gradio's upload folder are added to it here.
+    """
+    policy = server_policy(policy or AccessPolicy.make(), default_model)
     settings = Settings(
         default_model=default_model,
         calibration_windows=calibration_windows,
         evaluation_windows=eval_windows,
     )
     with gr.Blocks(title=TITLE) as demo:
-        session = gr.State(SessionState(plan=Plan(model=default_model)))
+        session = gr.State(SessionState(plan=Plan(model=default_model), policy=policy))
         gr.Markdown(
             f"# {TITLE}\nStructured pruning of causal LMs: look at the coupled structure, score "
             "units, plan how much to cut where, preview perplexity and text live, recover, export."
@@ -117,11 +130,31 @@ def build_app(
         recovery.wire(recovery_panel, session, plan_events, plan_panel.save)
         export.wire(export_panel, session)
         demo.load(None, js=(ASSETS / "bridge.js").read_text())
+    demo.access_policy = policy  # read by ``launch`` (upload size)
     return demo
 
 
+def server_policy(policy: AccessPolicy, default_model: str) -> AccessPolicy:
+    """``policy`` with the start-up model and Gradio's upload folder; refuses an export root that
+    Gradio would serve files from (then any export could be downloaded by anyone)."""
+    uploads = Path(gr.utils.get_upload_folder()).resolve()
+    served = (uploads, Path(gr.utils.get_cache_folder()).resolve(), cache_root().resolve())
+    root = policy.export_root
+    for folder in served:
+        if root == folder or folder in root.parents or root in folder.parents:
+            raise ExplorerError(
+                f"The export root '{root}' overlaps '{folder}' (Gradio's files or the model "
+                "cache). Choose another --export-root."
+            )
+    return replace(policy, start_model=default_model, upload_dirs=(uploads,))
+
+
 def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **options):
-    """Start the server with the app's stylesheet; host/port None defer to Gradio's env vars."""
+    """Start the server with the app's stylesheet; host/port None defer to Gradio's env vars.
+
+    Uploads are limited to the policy's size; the model cache is never served.
+    """
+    policy = getattr(demo, "access_policy", None) or AccessPolicy.make()
     return demo.launch(
         server_name=host,
         server_port=port,
@@ -129,6 +162,8 @@ def launch(demo: gr.Blocks, host: str | None = None, port: int | None = None, **
         share=False,
         ssr_mode=False,
         mcp_server=False,
+        max_file_size=f"{policy.max_upload_mb:g}mb",
+        blocked_paths=[str(cache_root())],
         **options,
     )
 
@@ -145,9 +180,71 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--eval-windows", type=int, default=None, help="limit the evaluation windows (default: all)"
     )
+    policy_flags(parser)
     args = parser.parse_args(argv)
-    demo = build_app(default_model=args.model, eval_windows=args.eval_windows)
+    try:
+        policy = policy_from_args(args)
+        demo = build_app(default_model=args.model, eval_windows=args.eval_windows, policy=policy)
+    except ExplorerError as exc:
+        parser.exit(2, f"error: {exc}\n")
     launch(demo, args.host, args.port)
+
+
+# The policy's limits as flags: type and help.
+LIMITS = {
+    "max_upload_mb": (float, "largest upload"),
+    "max_text_chars": (int, "most characters of calibration or evaluation text read per load"),
+    "max_steps": (int, "most training/update steps of a recovery step (LoRA steps, shots)"),
+    "max_new_tokens": (int, "longest generation"),
+    "max_job_seconds": (float, "wall time after which a job holding the shared model stops"),
+}
+
+
+def policy_flags(parser: argparse.ArgumentParser) -> None:
+    """The operator's flags that widen or tighten what clients may do (see the README)."""
+    d = AccessPolicy()
+    group = parser.add_argument_group("what clients may do (defaults are safe on a network)")
+    add = group.add_argument
+    add(
+        "--allow-path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a model folder, .gguf file or text/data folder clients may load (repeatable)",
+    )
+    add(
+        "--allow-hub",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="hub model/dataset ids clients may fetch, e.g. 'HuggingFaceTB/*' (repeatable)",
+    )
+    add(
+        "--export-root",
+        default="exports",
+        metavar="DIR",
+        help="the folder exports go into, and the only one (default: ./exports)",
+    )
+    for name, (kind, text) in LIMITS.items():
+        add(f"--{name.replace('_', '-')}", type=kind, default=getattr(d, name), help=text)
+    add(
+        "--trust-remote-code",
+        action="store_true",
+        help="let allowed models run their own Python code (off: such models are refused)",
+    )
+
+
+def policy_from_args(args: argparse.Namespace) -> AccessPolicy:
+    for name in LIMITS:
+        if getattr(args, name) <= 0:
+            raise ExplorerError(f"--{name.replace('_', '-')} must be more than 0.")
+    return AccessPolicy.make(
+        allow_paths=args.allow_path,
+        allow_hub=args.allow_hub,
+        export_root=args.export_root,
+        trust_remote_code=args.trust_remote_code,
+        **{name: getattr(args, name) for name in LIMITS},
+    )
 
 
 if __name__ == "__main__":

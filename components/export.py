@@ -54,7 +54,8 @@ def build(default_model: str) -> ExportPanel:
     with gr.Row():
         folder = gr.Textbox(
             label="Target folder",
-            value=f"out/{default_model}-pruned",
+            value=f"{default_model}-pruned",
+            info="A folder under the server's export folder.",
             elem_id="export-folder",
             scale=3,
         )
@@ -134,6 +135,8 @@ def run_export(
     if not (folder or "").strip():
         raise gr.Error("Type the folder to export to.")
     try:
+        target = session.policy.export_target(folder)
+        session.policy.check_recovery(session.plan.recovery)
         selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
         raise user_error(exc) from exc
@@ -160,7 +163,7 @@ def run_export(
             ex.workspace.tokenizer,
             ex.structure,
             selection,
-            folder.strip(),
+            target,
             plan=plan.to_dict(),
             report=report,
             overwrite=overwrite,
@@ -174,7 +177,7 @@ def run_export(
     done: list[str] = []
     current = None
     try:
-        for kind, value in streamed(work, getattr(request, "session_hash", None)):
+        for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "done":
                 result = value
                 break

@@ -134,7 +134,13 @@ def load(
         calibration = source_dict(calib_kind, calib_file, calib_dataset, calib_samples)
         evaluation = source_dict(eval_kind, eval_file, eval_dataset, 0)
         loaded = SHARED.open(
-            source, dtype, calibration, evaluation, settings, gradio_progress(progress)
+            source,
+            dtype,
+            calibration,
+            evaluation,
+            settings,
+            gradio_progress(progress),
+            session.policy,
         )
     except ExplorerError as exc:
         raise user_error(exc) from exc

@@ -190,8 +190,22 @@ def table_rows(loaded: Loaded, plan: Plan, selection: Selection | None) -> list[
     return rows
 
 
+def _rows(table) -> list:
+    return table.values.tolist() if hasattr(table, "values") else list(table or [])
+
+
+def check_rows(table, num_layers: int) -> None:
+    """Refuse a table (from an API client, say) without one full row per layer."""
+    rows = _rows(table)
+    if len(rows) != num_layers or any(len(row) < 4 for row in rows):
+        raise PlanError(
+            f"The per-layer table has {len(rows)} rows; the model has {num_layers} layers. "
+            "Send one row per layer (layer, head ratio, MLP ratio, remove)."
+        )
+
+
 def _column(table, index: int, cast) -> list:
-    rows = table.values.tolist() if hasattr(table, "values") else list(table or [])
+    rows = _rows(table)
     out = []
     for row in rows:
         value = row[index]
@@ -342,6 +356,7 @@ def apply(
     loaded = SHARED.get(session.model_key)
     controls = (allocation, criterion, reduction, target, attention_unit)
     try:
+        check_rows(table, loaded.structure.num_layers)
         session.plan = plan_from_controls(
             session.plan, *controls, protect_first, protect_last, round_to, keep_heads, table
         )
@@ -367,6 +382,10 @@ def edit_table(
 ):
     """A table edit: an edited ratio turns a uniform/global plan into a per-layer one."""
     loaded = SHARED.get(session.model_key)
+    try:
+        check_rows(table, loaded.structure.num_layers)
+    except PlanError as exc:
+        return render(session, None, str(exc))
     if allocation != "per_layer":
         shown, _ = evaluate_plan(loaded, session.plan, progress)
         if shown is not None:

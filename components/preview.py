@@ -197,7 +197,7 @@ def run_preview(session: SessionState, request: gr.Request):
     dense, pruned = loaded.dense_ppl, None
     work = lambda emit: perplexities(loaded, selection, emit)  # noqa: E731
     try:
-        for kind, value in streamed(work, getattr(request, "session_hash", None)):
+        for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "done":
                 dense, pruned = value
                 session.pruned_ppl, session.preview_plan = pruned, pruning
@@ -268,6 +268,7 @@ def generate(
     options = {"max_new_tokens": int(max_new_tokens), "seed": int(seed or 0), "sample": sample}
     report = gradio_progress(progress)
     try:
+        session.policy.check_generation(prompt, options["max_new_tokens"])
         selection = select(loaded, session.plan, report)
         ex = loaded.explorer
         with SHARED.lock:

@@ -246,6 +246,7 @@ def run_recovery(session: SessionState, chosen: list[str] | None, request: gr.Re
         steps = recipe(chosen, values, session.plan.recovery)
         if not steps:
             raise PlanError("No recovery step is chosen. Choose at least one from the list.")
+        session.policy.check_recovery(steps)
         session.plan.recovery = steps
         selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
@@ -259,7 +260,7 @@ def run_recovery(session: SessionState, chosen: list[str] | None, request: gr.Re
     yield session, status("Starting…"), "", "", "", None, None
     skip = (gr.skip(),) * 5
     try:
-        for kind, value in streamed(work, getattr(request, "session_hash", None)):
+        for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "item":
                 yield session, status(value), *skip
                 continue

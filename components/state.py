@@ -15,6 +15,7 @@ import math
 import queue
 import tempfile
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -29,6 +30,7 @@ from explorer.catalogue import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.planning.plan import Plan
 from explorer.planning.selection import Selection
+from explorer.policy import AccessPolicy
 from explorer.progress import Progress
 from explorer.scoring.base import Needs
 from explorer.session import Explorer
@@ -94,8 +96,15 @@ class Shared:
         evaluation: dict,
         settings: Settings,
         progress: Progress,
+        policy: AccessPolicy,
     ) -> Loaded:
-        """The shared entry for this model and data, loading it (under the lock) if needed."""
+        """The shared entry for this model and data, loading it (under the lock) if needed.
+
+        ``policy`` is checked first: a source it does not allow is never opened.
+        """
+        policy.check_model(source)
+        policy.check_text_source(calibration)
+        policy.check_text_source(evaluation)
         key = json.dumps(
             [source, dtype, calibration, evaluation, settings.__dict__], sort_keys=True
         )
@@ -116,6 +125,8 @@ class Shared:
                 evaluation_length=settings.evaluation_length,
                 evaluation_windows=settings.evaluation_windows,
                 progress=progress,
+                trust_remote_code=policy.trust_remote_code,
+                max_text_chars=policy.max_text_chars,
             )
             entry = Loaded(key, explorer, explorer.workspace.summary())
             self._entries[key] = entry
@@ -149,6 +160,7 @@ class SessionState:
     recovered: Recovered | None = None  # the last recovery, re-used by an export of its plan
     node: str | None = None  # the node selected on the Structure tab
     folder: str | None = None  # this session's scratch folder for downloads
+    policy: AccessPolicy = field(default_factory=AccessPolicy)  # the server's, the same for all
 
     def plan_json(self) -> str:
         return self.plan.to_json()
@@ -213,27 +225,37 @@ def stop_runs(request: gr.Request) -> None:
         event.set()
 
 
-def streamed(work: Callable[[Callable[[Any], None]], Any], session_hash: str | None) -> Iterator:
+def streamed(
+    work: Callable[[Callable[[Any], None]], Any],
+    session_hash: str | None,
+    policy: AccessPolicy | None = None,
+) -> Iterator:
     """Run ``work(emit)`` under the lock in a worker thread; yield what it emits, as it emits it.
 
     The worker, not the page's generator, holds the lock and the masks: a generator that Gradio
     cancels or abandons mid-run can therefore never leave the shared model locked or masked. A
-    stop (the Stop button, or the generator being closed) makes the next ``emit`` raise ``Stopped``.
-    The final item yielded is ``("done", result)``.
+    stop (the Stop button, or the generator being closed) makes the next ``emit`` raise ``Stopped``;
+    past the policy's ``max_job_seconds`` (counted from taking the lock) it raises the policy's
+    ``JobLimitError``, which reaches the page. The final item yielded is ``("done", result)``.
     """
     stop = threading.Event()
     if session_hash:
         _RUNS[session_hash] = stop
     items: queue.Queue = queue.Queue()
+    deadline = [math.inf]
 
     def emit(item: Any) -> None:
         if stop.is_set():
             raise Stopped
+        if time.monotonic() > deadline[0]:
+            raise policy.job_limit()
         items.put(("item", item))
 
     def run() -> None:
         try:
             with SHARED.lock:
+                if policy is not None:
+                    deadline[0] = time.monotonic() + policy.max_job_seconds
                 result = work(emit)
             items.put(("done", result))
         except BaseException as exc:  # handed to the page's thread, which re-raises it

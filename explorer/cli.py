@@ -23,6 +23,7 @@ from .errors import ExplorerError
 from .evaluate import perplexity
 from .export.gguf_writer import GGUF_TYPES, SOURCE
 from .export.report import pruning_report
+from .export.safety import check_target
 from .model.loading import EMBEDDED, cache_root, load_model
 from .planning.plan import Plan
 from .planning.selection import Selection
@@ -292,6 +293,22 @@ def fetch(model: str) -> None:
     print(f"cached {model}, the Lee corpus and the off-domain text in {cache_root()}")
 
 
+def check_outputs(plan: Plan, args: argparse.Namespace) -> None:
+    """Refuse bad counts and unusable output paths before the model loads, not after scoring."""
+    for name, least in (("eval_windows", 1), ("eval_length", 2)):
+        value = getattr(args, name)
+        if value is not None and value < least:
+            flag = "--" + name.replace("_", "-")
+            raise ExplorerError(f"{flag} {value} is out of range; use {least} or more.")
+    save = getattr(args, "save_plan", None)
+    if save is not None and not save.expanduser().parent.is_dir():
+        raise ExplorerError(
+            f"--save-plan {save}: the folder '{save.parent}' does not exist. Create it first."
+        )
+    if args.out:
+        check_target(args.out, plan.model, args.overwrite)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -304,6 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = build_plan(args)
         if args.command == "export" and not args.out:
             raise ExplorerError("export needs --out DIR: the folder to write the model to.")
+        check_outputs(plan, args)
         if getattr(args, "save_plan", None):
             plan.save(args.save_plan)
         run(plan, args)

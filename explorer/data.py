@@ -24,6 +24,7 @@ import torch
 from .errors import DataError
 from .model.loading import cache_root, extract_members, pip_download
 from .progress import Progress
+from .text_safety import decode_text, tokenize_in_chunks
 
 if TYPE_CHECKING:
     from .model.loading import Workspace
@@ -132,7 +133,7 @@ def read_text_file(path: str | Path, field: str = "text") -> str:
     path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(f"No text file at '{path}'. Check the path.")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = decode_text(path.read_bytes(), path.name)
     if path.suffix == ".jsonl":
         docs = []
         for number, line in enumerate(text.splitlines(), start=1):
@@ -262,7 +263,9 @@ def token_windows(
     span = length - 1 if use_bos else length
     if span < 1:
         raise DataError(f"A window of {length} tokens is too short. Use a longer window.")
-    ids = tokenizer(text, add_special_tokens=False, verbose=False).input_ids
+    if n_windows is not None and n_windows < 1:
+        raise DataError(f"{n_windows} windows were asked for. Ask for at least one window.")
+    ids = tokenize_in_chunks(tokenizer, text)
     available = len(ids) // span
     n = available if n_windows is None else n_windows
     if available == 0 or n > available:

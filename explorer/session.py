@@ -28,6 +28,7 @@ from .progress import Progress
 from .recovery.steps import RecoveryContext, run_steps
 from .scoring.base import SCORED_KINDS, ScoreContext, Scores
 from .scoring.statistics import Needs, Statistics, collect_statistics
+from .text_safety import check_length
 
 
 @dataclass
@@ -81,12 +82,15 @@ class Explorer:
         evaluation_length: int = 256,
         evaluation_windows: int | None = None,
         progress: Progress | None = None,
+        trust_remote_code: bool = False,
+        max_text_chars: int | None = None,
     ) -> Explorer:
         """Load the plan's model and read its calibration and evaluation texts.
 
         The one way into the library from a recipe: the CLI, the app and the benchmarks all open
         their session here, so they cut the same windows from the same texts. Only the plan's
         model, texts, window settings and seed are read; ``plan.check`` is the caller's business.
+        ``max_text_chars``: refuse longer texts (a shared server bounds what one request reads).
         """
         report = progress or (lambda *_: None)
         report(0.0, f"Loading {plan.model}")
@@ -95,11 +99,14 @@ class Explorer:
             dtype=dtype,
             device=device,
             progress=lambda f, message: report(0.6 * f, message),
+            trust_remote_code=trust_remote_code,
         )
         report(0.65, "Reading calibration text")
         calibration = TextSource.from_dict(plan.calibration).read("calibration", workspace)
+        check_length(calibration, "calibration", max_text_chars)
         report(0.8, "Reading evaluation text")
         evaluation = TextSource.from_dict(plan.evaluation).read("evaluation", workspace)
+        check_length(evaluation, "evaluation", max_text_chars)
         return cls.from_texts(
             workspace,
             calibration,

@@ -35,6 +35,7 @@ from ..progress import Progress
 from . import writer
 from .model_card import model_card
 from .pruned_modeling import PRUNED_CLASSES
+from .safety import check_target, clean_stale_partials, partial_prefix, write_errors
 
 INDEX = "model.safetensors.index.json"
 
@@ -68,7 +69,7 @@ def export_streaming(
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
     skeleton.name_or_path = str(folder)
     skeleton.tie_weights()
-    writer._check_target(target, skeleton, overwrite)
+    check_target(target, str(folder), overwrite)
     structure = StructureMap(skeleton, family_for(skeleton))
     pruned_skeleton = prune_model(skeleton, structure, selection)
     files = _source_files(folder)
@@ -82,8 +83,10 @@ def export_streaming(
             f"than the budget of {max_memory_bytes:,}. Raise the budget."
         )
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    with write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(target)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=partial_prefix(target)))
     try:
         weight_map, shapes, peak, total = {}, {}, 0, 0
         for k, names in enumerate(pieces):
@@ -136,7 +139,8 @@ def export_streaming(
         writer._write_json(tmp / "report.json", full_report)
         (tmp / "README.md").write_text(model_card(full_report, plan))
         step(0.95, "Moving the checked folder into place")
-        writer._move_into_place(tmp, target)
+        with write_errors(target):
+            writer._move_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     step(1.0, f"Exported to {target}")

@@ -51,13 +51,20 @@ from ..apply import masking
 from ..apply.pruning import prune_model
 from ..errors import ExportError
 from ..model.families import Family, get_module
-from ..model.loading import resolve_dtype
+from ..model.loading import resolve_device, resolve_dtype
 from ..model.structure import StructureMap
 from ..planning.selection import Selection
 from ..progress import Progress
 from . import gguf_writer
 from .model_card import model_card, source_license
 from .pruned_modeling import PRUNED_CLASSES
+from .safety import (
+    check_target,
+    clean_stale_partials,
+    partial_prefix,
+    swapped_name,
+    write_errors,
+)
 
 MODELING_FILE = "modeling_pruned.py"
 BIAS_FLAGS = ("attention_bias", "mlp_bias")
@@ -122,7 +129,7 @@ def export_model(
     if format not in FORMATS:
         raise ExportError(f"Unknown export format '{format}'. Use one of: {', '.join(FORMATS)}.")
     gguf = format == "gguf"
-    _check_target(target, model, overwrite)
+    check_target(target, str(getattr(model, "name_or_path", "") or ""), overwrite)
 
     step(0.0, "Pruning a copy of the model")
     out = copy.deepcopy(pruned) if pruned is not None else prune_model(model, structure, selection)
@@ -143,20 +150,26 @@ def export_model(
     params_before, params_after = count_params(model), count_params(out)
 
     step(0.25, "Saving weights, config and tokenizer")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.partial-"))
+    with write_errors(target):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        clean_stale_partials(target)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=partial_prefix(target)))
     try:
-        _write_sidecars(tmp, plan, selection)
+        with write_errors(target):
+            _write_sidecars(tmp, plan, selection)
         if gguf:
-            written = gguf_writer.write_gguf(
-                out, tokenizer, structure.family, tmp / f"model-{gguf_type}.gguf", outtype=gguf_type
-            )
+            with write_errors(target):
+                written = gguf_writer.write_gguf(
+                    out, tokenizer, structure.family, tmp / f"model-{gguf_type}.gguf",
+                    outtype=gguf_type,
+                )  # fmt: skip
             del out
             step(0.6, "Reading the GGUF file back and running it in llama.cpp")
             verification = gguf_writer.verify_gguf(tmp / written["file"], written, reference, ids)
             diff = verification["max_abs_diff"]
         else:
-            _write(out, tokenizer, tmp, remote)
+            with write_errors(target):
+                _write(out, tokenizer, tmp, remote)
             del out  # only the reloaded copy stays in memory beside the source
 
             step(0.55, "Reloading the folder as a user would")
@@ -186,11 +199,11 @@ def export_model(
             seconds=time.perf_counter() - started,
             gguf=written,
         )
-        _write_json(tmp / "report.json", full_report)
-        (tmp / "README.md").write_text(model_card(full_report, plan))
-
         step(0.95, "Moving the verified folder into place")
-        _move_into_place(tmp, target)
+        with write_errors(target):
+            _write_json(tmp / "report.json", full_report)
+            (tmp / "README.md").write_text(model_card(full_report, plan))
+            _move_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     step(1.0, f"Exported to {target}")
@@ -232,8 +245,7 @@ def load_pruned(
         model = PRUNED_CLASSES[config.model_type].from_pretrained(folder, config=config, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, **kwargs)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return model.to(target).eval(), AutoTokenizer.from_pretrained(folder)
+    return model.to(resolve_device(device)).eval(), AutoTokenizer.from_pretrained(folder)
 
 
 def default_verify_ids(vocab_size: int, windows: int = 2, length: int = 64) -> torch.Tensor:
@@ -247,32 +259,13 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-# -- target safety --------------------------------------------------------------------------------
-def _check_target(target: Path, model: nn.Module, overwrite: bool) -> None:
-    if target.exists() and not target.is_dir():
-        raise ExportError(f"'{target}' is a file. Choose a folder path for the export.")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise ExportError(
-            f"The folder '{target}' is not empty. "
-            "Choose a new folder, or pass overwrite=True (--overwrite) to replace it."
-        )
-    name = str(getattr(model, "name_or_path", "") or "")  # "" for a model built from a config
-    source = Path(name).expanduser()
-    if name and source.exists():
-        source = source.resolve()
-        if target == source or source in target.parents or target in source.parents:
-            raise ExportError(
-                f"The export folder '{target}' overlaps the source model's folder '{source}', "
-                "and an export never writes into its source. Choose another folder."
-            )
-
-
+# -- moving into place -----------------------------------------------------------------------------
 def _move_into_place(tmp: Path, target: Path) -> None:
     """Rename the verified folder to ``target``; an old one is swapped out, then deleted."""
     if not target.exists():
         tmp.rename(target)
         return
-    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    old = swapped_name(target, uuid.uuid4().hex[:8])
     target.rename(old)
     try:
         tmp.rename(target)

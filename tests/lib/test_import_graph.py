@@ -18,14 +18,14 @@ PACKAGE = ROOT / "explorer"
 STAGES = [
     ["errors", "progress", "registry"],
     ["model"],
-    ["data", "evaluate", "zero_shot"],
+    ["data", "evaluate", "text_safety", "zero_shot"],
     ["scoring"],
     ["planning"],
     ["apply"],
     ["recovery"],
     ["export"],
     ["catalogue"],
-    ["session"],
+    ["session", "policy"],
     ["cli", "__main__", ""],  # "": the package's own __init__ (lazily imports the export)
 ]
 LEVEL = {name: level for level, names in enumerate(STAGES) for name in names}

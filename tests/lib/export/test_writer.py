@@ -267,6 +267,12 @@ def test_non_empty_target_is_refused_unless_overwrite(tiny_tokenizer, tmp_path):
     with pytest.raises(ExportError, match="not empty.*overwrite"):
         export_model(model, tiny_tokenizer, s, uniform_selection(s), target)
     assert (target / "notes.txt").read_text() == "mine"
+    with pytest.raises(ExportError, match="not an earlier export"):  # only exports are replaced
+        export_model(model, tiny_tokenizer, s, uniform_selection(s), target, overwrite=True)
+    assert (target / "notes.txt").read_text() == "mine"
+    (target / "notes.txt").unlink()
+    export_model(model, tiny_tokenizer, s, uniform_selection(s), target)
+    (target / "notes.txt").write_text("inside the export")
     result = export_model(model, tiny_tokenizer, s, uniform_selection(s), target, overwrite=True)
     assert not (target / "notes.txt").exists() and "model.safetensors" in result.files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"], "no temporary folders left"
@@ -285,7 +291,7 @@ def test_interrupted_export_leaves_nothing_at_the_target(tiny_tokenizer, tmp_pat
         raise OSError("disk full")
 
     monkeypatch.setattr(type(model), "save_pretrained", save_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="disk full"):
         export_model(model, tiny_tokenizer, s, sel, tmp_path / "new")
     assert list(tmp_path.iterdir()) == []
     # With overwrite, the previous export survives an interrupted replacement.
@@ -293,7 +299,7 @@ def test_interrupted_export_leaves_nothing_at_the_target(tiny_tokenizer, tmp_pat
     export_model(model, tiny_tokenizer, s, sel, tmp_path / "old")
     before = folder_hashes(tmp_path / "old")
     monkeypatch.setattr(type(model), "save_pretrained", save_then_fail)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ExportError, match="disk full"):
         export_model(
             model, tiny_tokenizer, s, per_layer_selection(s), tmp_path / "old", overwrite=True
         )
