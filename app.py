@@ -17,7 +17,6 @@ import argparse
 import os
 from collections.abc import Sequence
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 # Before gradio is imported: no usage analytics unless the user asked for them.
@@ -36,7 +35,7 @@ from components import (  # noqa: E402
     recovery,
     structure,
 )
-from components.state import SessionState, Settings  # noqa: E402
+from components.state import SessionState, Settings, handler  # noqa: E402
 from explorer.errors import ExplorerError  # noqa: E402
 from explorer.model.loading import cache_root  # noqa: E402
 from explorer.planning.plan import Plan  # noqa: E402
@@ -90,15 +89,15 @@ def build_app(
 
         loaded_outputs = [session, model_panel.status, model_panel.summary]
         on_open = demo.load(
-            partial(model.on_page_load, settings),
-            session,
+            handler(model.on_page_load, model_panel, settings, session),
+            {session},
             loaded_outputs,
             api_visibility="private",
             show_progress_on=[model_panel.summary],
         )
         on_load = model_panel.load.click(
-            partial(model.load, settings),
-            [session, *model_panel.inputs],
+            handler(model.load, model_panel, settings, session),
+            {session, *model_panel.inputs},
             loaded_outputs,
             api_name="load_model",
             show_progress_on=[model_panel.summary],
@@ -110,8 +109,8 @@ def build_app(
             )
             # One calibration pass serves every panel; its progress shows on the Model tab.
             calibrated = loaded.success(
-                model.calibrate,
-                session,
+                handler(model.calibrate, model_panel, session),
+                {session},
                 model_panel.status,
                 show_progress_on=[model_panel.status],
                 api_visibility="private",

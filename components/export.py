@@ -25,7 +25,7 @@ from explorer.zero_shot import task_names, zero_shot
 
 from .preview import measuring, perplexities
 from .recovery import recover
-from .state import SHARED, SessionState, api, human, select, streamed, user_error
+from .state import SHARED, SessionState, api, handler, human, select, streamed, user_error
 
 
 @dataclass
@@ -91,8 +91,10 @@ def build(default_model: str) -> ExportPanel:
     )  # fmt: skip
 
 
-def run_zero_shot(session: SessionState, tasks: str, limit: float | None) -> dict:
+def run_zero_shot(panel: ExportPanel, state: gr.State, values: dict) -> dict:
     """lm-eval accuracy of the dense and the pruned model for the session's plan."""
+    session: SessionState = values[state]
+    tasks, limit = values[panel.tasks], values[panel.limit]
     loaded = SHARED.get(session.model_key)
     try:
         selection = select(loaded, session.plan, lambda *_: None)
@@ -122,15 +124,11 @@ def checklist(done: list[str], current: str | None, failed: str | None = None) -
     return f'<ul class="pe-checks">{"".join(items)}</ul>'
 
 
-def run_export(
-    session: SessionState,
-    folder: str,
-    overwrite: bool,
-    format: str = "transformers",
-    gguf_type: str = "f16",
-    request: gr.Request = None,
-):
+def run_export(panel: ExportPanel, state: gr.State, values: dict, request: gr.Request):
     """Stream the checks as they pass; end with the report and the plan/report downloads."""
+    session: SessionState = values[state]
+    folder, overwrite = values[panel.folder], values[panel.overwrite]
+    format, gguf_type = values[panel.format], values[panel.gguf_type]
     loaded = SHARED.get(session.model_key)
     if not (folder or "").strip():
         raise gr.Error("Type the folder to export to.")
@@ -184,12 +182,16 @@ def run_export(
             if current is not None and _step(current) != _step(value):
                 done.append(current)
             current = value
-            yield checklist(done, current), gr.skip(), gr.skip()
+            yield {panel.checks: checklist(done, current)}
         else:
-            yield checklist(done, None, "Stopped."), None, None
+            yield {
+                panel.checks: checklist(done, None, "Stopped."),
+                panel.report: None,
+                panel.files: None,
+            }
             return
     except ExportError as exc:
-        yield checklist(done, None, str(exc)), None, None
+        yield {panel.checks: checklist(done, None, str(exc)), panel.report: None, panel.files: None}
         raise user_error(exc) from exc
     except ExplorerError as exc:
         raise user_error(exc) from exc
@@ -205,7 +207,11 @@ def run_export(
         f"{checked}; {human(result.params_before)} → {human(result.params_after)} parameters"
         + (" (load with trust_remote_code=True)" if result.remote_code else "")
     )
-    yield checklist(done, None), result.report, downloads(session, result.path)
+    yield {
+        panel.checks: checklist(done, None),
+        panel.report: result.report,
+        panel.files: downloads(session, result.path),
+    }
 
 
 def _step(message: str) -> str:
@@ -226,15 +232,15 @@ def downloads(session: SessionState, folder: Path) -> list[str]:
 
 def wire(panel: ExportPanel, session: gr.State) -> None:
     panel.run.click(
-        run_export,
-        [session, panel.folder, panel.overwrite, panel.format, panel.gguf_type],
+        handler(run_export, panel, session),
+        {session, panel.folder, panel.overwrite, panel.format, panel.gguf_type},
         [panel.checks, panel.report, panel.files],
         show_progress_on=[panel.report],
         **api("export"),
     )
     panel.evaluate.click(
-        run_zero_shot,
-        [session, panel.tasks, panel.limit],
+        handler(run_zero_shot, panel, session),
+        {session, panel.tasks, panel.limit},
         [panel.accuracy],
         **api("zero_shot"),
     )

@@ -23,7 +23,17 @@ from explorer.scoring.distribution_aware import (
     head_similarity_graph,
 )
 
-from .state import ATTENTION, SHARED, TRACK, SessionState, api, gradio_progress, scores, user_error
+from .state import (
+    ATTENTION,
+    SHARED,
+    TRACK,
+    SessionState,
+    api,
+    gradio_progress,
+    handler,
+    scores,
+    user_error,
+)
 
 GROUP_COLOURS = [
     "#4C78A8",
@@ -157,8 +167,10 @@ def importance_heatmap(scores: torch.Tensor, criterion: str, layer: int) -> go.F
     return fig
 
 
-def show(session: SessionState, layer: float, threshold: float, progress=TRACK):
+def show(panel: HeadsPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """Both figures for ``layer``; the first call collects the statistics (once per model)."""
+    session: SessionState = values[state]
+    layer, threshold = values[panel.layer], values[panel.threshold]
     loaded = SHARED.get(session.model_key)
     s = loaded.structure
     layer = min(int(layer), s.num_layers - 1)
@@ -177,25 +189,26 @@ def show(session: SessionState, layer: float, threshold: float, progress=TRACK):
         f"{redundant or 'none'} as redundant. Mean JSD between heads: "
         f"{float(jsd.sum() / max(jsd.numel() - jsd.shape[0], 1)):.3f} nats."
     )
-    return (
-        gr.Slider(maximum=s.num_layers - 1, value=layer),
-        similarity_figure(jsd, heads[layer], s.group_size, threshold, layer),
-        summary,
-        importance_heatmap(heads, plan.criterion, layer),
-    )
+    return {
+        panel.layer: gr.Slider(maximum=s.num_layers - 1, value=layer),
+        panel.graph: similarity_figure(jsd, heads[layer], s.group_size, threshold, layer),
+        panel.summary: summary,
+        panel.heatmap: importance_heatmap(heads, plan.criterion, layer),
+    }
 
 
 def wire(panel: HeadsPanel, session: gr.State) -> None:
     outputs = [panel.layer, panel.graph, panel.summary, panel.heatmap]
-    inputs = [session, panel.layer, panel.threshold]
-    panel.layer.release(show, inputs, outputs, **api("head_graph"), trigger_mode="always_last")
-    panel.threshold.release(show, inputs, outputs, **api(None), trigger_mode="always_last")
+    inputs = {session, panel.layer, panel.threshold}
+    shown = handler(show, panel, session)
+    panel.layer.release(shown, inputs, outputs, **api("head_graph"), trigger_mode="always_last")
+    panel.threshold.release(shown, inputs, outputs, **api(None), trigger_mode="always_last")
 
 
 def refresh_event(panel: HeadsPanel, session: gr.State, after, name: str | None = None):
     return after.then(
-        show,
-        [session, panel.layer, panel.threshold],
+        handler(show, panel, session),
+        {session, panel.layer, panel.threshold},
         [panel.layer, panel.graph, panel.summary, panel.heatmap],
         **api(name),
     )

@@ -18,9 +18,14 @@ from explorer.catalogue import CRITERIA
 from explorer.errors import ExplorerError
 from explorer.scoring.base import REDUCTIONS
 
-from .state import SHARED, TRACK, SessionState, api, gradio_progress, scores, user_error
+from .state import SHARED, TRACK, SessionState, api, gradio_progress, handler, scores, user_error
 
-KINDS = {"head": "query heads", "kv": "key-value groups", "mlp": "MLP channels", "layer": "layers"}
+UNIT_LABELS = {
+    "head": "query heads",
+    "kv": "key-value groups",
+    "mlp": "MLP channels",
+    "layer": "layers",
+}
 SCALES = ["log10", "raw", "rank in layer"]
 
 
@@ -44,7 +49,7 @@ def build() -> ImportancePanel:
         reduction = gr.Dropdown(
             list(REDUCTIONS), value="sum", label="Reduction over a group's slices"
         )
-        kind = gr.Radio(list(KINDS), value="head", label="Unit", elem_id="imp-kind")
+        kind = gr.Radio(list(UNIT_LABELS), value="head", label="Unit", elem_id="imp-kind")
         scale = gr.Radio(SCALES, value="log10", label="Colour scale")
     heatmap = gr.Plot(label="Importance (lowest go first)", elem_id="imp-heatmap")
     gr.Markdown("### Agreement with a second criterion")
@@ -130,7 +135,7 @@ def heatmap_figure(values: torch.Tensor, criterion: str, kind: str, scale: str) 
     fig.update_layout(
         height=460,
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        title=f"{criterion}: {KINDS[kind]} ({scale})",
+        title=f"{criterion}: {UNIT_LABELS[kind]} ({scale})",
         xaxis={"title": "unit" if kind != "layer" else ""},
         yaxis={"title": "layer", "autorange": "reversed"},
     )
@@ -158,17 +163,11 @@ def agreement_figure(rows: list[dict], a: str, b: str, ratio: float) -> go.Figur
 
 
 # -- handlers ---------------------------------------------------------------------------------------
-def show(
-    session: SessionState,
-    criterion: str,
-    reduction: str,
-    kind: str,
-    scale: str,
-    criterion_b: str,
-    ratio: float,
-    progress=TRACK,
-):
+def show(panel: ImportancePanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """The heatmap of ``criterion`` and its agreement with ``criterion_b``."""
+    session: SessionState = values[state]
+    criterion, criterion_b = values[panel.criterion], values[panel.criterion_b]
+    reduction, kind, ratio = values[panel.reduction], values[panel.kind], values[panel.ratio]
     loaded = SHARED.get(session.model_key)
     report = gradio_progress(progress)
     try:
@@ -178,22 +177,21 @@ def show(
         raise user_error(exc) from exc
     except KeyError:
         raise gr.Error(
-            f"{criterion} or {criterion_b} does not score {KINDS[kind]}. Pick another unit."
+            f"{criterion} or {criterion_b} does not score {UNIT_LABELS[kind]}. Pick another unit."
         ) from None
     rows = agreement(first, second, ratio)
     table = [[r["layer"], round(r["overlap"], 3), round(r["spearman"], 3)] for r in rows]
     title = CRITERIA[criterion].title
-    return (
-        heatmap_figure(first, title, kind, scale),
-        agreement_figure(rows, criterion, criterion_b, ratio),
-        table,
-    )
+    return {
+        panel.heatmap: heatmap_figure(first, title, kind, values[panel.scale]),
+        panel.agreement: agreement_figure(rows, criterion, criterion_b, ratio),
+        panel.table: table,
+    }
 
 
-def _inputs(panel: ImportancePanel, session: gr.State) -> list:
-    """What ``show`` reads: the session and every control of the panel."""
+def _controls(panel: ImportancePanel) -> list:
+    """Every control ``show`` reads, in the API's parameter order (their creation order)."""
     return [
-        session,
         panel.criterion,
         panel.reduction,
         panel.kind,
@@ -204,12 +202,12 @@ def _inputs(panel: ImportancePanel, session: gr.State) -> list:
 
 
 def wire(panel: ImportancePanel, session: gr.State) -> None:
-    inputs = _inputs(panel, session)
+    inputs = {session, *_controls(panel)}
     outputs = [panel.heatmap, panel.agreement, panel.table]
-    for control in inputs[1:]:
+    for control in _controls(panel):
         trigger = control.release if isinstance(control, gr.Slider) else control.input
         trigger(
-            show,
+            handler(show, panel, session),
             inputs,
             outputs,
             **api("importance" if control is panel.criterion else None),
@@ -219,5 +217,8 @@ def wire(panel: ImportancePanel, session: gr.State) -> None:
 
 def refresh_event(panel: ImportancePanel, session: gr.State, after, name: str | None = None):
     return after.then(
-        show, _inputs(panel, session), [panel.heatmap, panel.agreement, panel.table], **api(name)
+        handler(show, panel, session),
+        {session, *_controls(panel)},
+        [panel.heatmap, panel.agreement, panel.table],
+        **api(name),
     )

@@ -29,10 +29,44 @@ EVALUATION_KINDS = ["builtin", "file", "dataset"]
 
 @dataclass
 class ModelPanel:
-    inputs: list[gr.components.Component]
+    source: gr.Dropdown
+    dtype: gr.Dropdown
+    calib_kind: gr.Radio
+    calib_file: gr.File
+    calib_dataset: gr.Textbox
+    calib_samples: gr.Slider
+    eval_kind: gr.Radio
+    eval_file: gr.File
+    eval_dataset: gr.Textbox
     load: gr.Button
     status: gr.HTML
     summary: gr.HTML
+
+    @property
+    def inputs(self) -> list[gr.components.Component]:
+        """The fields a load reads, in the order of /load_model's parameters."""
+        return [
+            self.source,
+            self.dtype,
+            self.calib_kind,
+            self.calib_file,
+            self.calib_dataset,
+            self.calib_samples,
+            self.eval_kind,
+            self.eval_file,
+            self.eval_dataset,
+        ]
+
+
+def text_fields(what: str, kinds: list[str]) -> tuple[gr.Radio, gr.File, gr.Textbox]:
+    """The kind, file and dataset fields of one text source, created to be placed later."""
+    return (
+        gr.Radio(kinds, value="builtin", label=f"{what} text", scale=2, render=False),
+        gr.File(label=f"{what} file (.txt / .jsonl)", file_types=[".txt", ".jsonl"], render=False),
+        gr.Textbox(
+            label=f"{what} dataset", placeholder="NAME[:CONFIG[:SPLIT[:FIELD]]]", render=False
+        ),
+    )
 
 
 def build(settings: Settings) -> ModelPanel:
@@ -41,46 +75,47 @@ def build(settings: Settings) -> ModelPanel:
         "(evaluation). The built-in text is the Lee news corpus: 300 background documents "
         "calibrate, 50 held-out documents evaluate."
     )
+    # Created in the order of /load_model's parameters (a set of inputs is ordered by creation),
+    # then placed in the layout below.
+    hidden = {"render": False}
+    source = gr.Dropdown(
+        list(EMBEDDED),
+        value=settings.default_model,
+        allow_custom_value=True,
+        label="Model",
+        info="An embedded model, or type a hub id, a local folder or a .gguf path.",
+        elem_id="model-source",
+        **hidden,
+    )
+    dtype = gr.Dropdown(["float32", "bfloat16"], value="float32", label="Precision", **hidden)
+    calib_kind, calib_file, calib_dataset = text_fields("Calibration", CALIBRATION_KINDS)
+    calib_samples = gr.Slider(
+        2,
+        32,
+        value=8,
+        step=1,
+        label="Self-generated calibration samples (128 tokens each)",
+        **hidden,
+    )
+    eval_kind, eval_file, eval_dataset = text_fields("Evaluation", EVALUATION_KINDS)
     with gr.Row():
         with gr.Column(scale=2):
-            source = gr.Dropdown(
-                list(EMBEDDED),
-                value=settings.default_model,
-                allow_custom_value=True,
-                label="Model",
-                info="An embedded model, or type a hub id, a local folder or a .gguf path.",
-                elem_id="model-source",
-            )
-            dtype = gr.Dropdown(["float32", "bfloat16"], value="float32", label="Precision")
+            source.render()
+            dtype.render()
         with gr.Column(scale=3):
-            with gr.Row():
-                calib_kind = gr.Radio(
-                    CALIBRATION_KINDS, value="builtin", label="Calibration text", scale=2
-                )
-                eval_kind = gr.Radio(
-                    EVALUATION_KINDS, value="builtin", label="Evaluation text", scale=2
-                )
-            with gr.Row():
-                calib_file = gr.File(
-                    label="Calibration file (.txt / .jsonl)", file_types=[".txt", ".jsonl"]
-                )
-                eval_file = gr.File(
-                    label="Evaluation file (.txt / .jsonl)", file_types=[".txt", ".jsonl"]
-                )
-            with gr.Row():
-                calib_dataset = gr.Textbox(
-                    label="Calibration dataset", placeholder="NAME[:CONFIG[:SPLIT[:FIELD]]]"
-                )
-                eval_dataset = gr.Textbox(
-                    label="Evaluation dataset", placeholder="NAME[:CONFIG[:SPLIT[:FIELD]]]"
-                )
-            calib_samples = gr.Slider(
-                2, 32, value=8, step=1, label="Self-generated calibration samples (128 tokens each)"
-            )
+            for row in (
+                (calib_kind, eval_kind),
+                (calib_file, eval_file),
+                (calib_dataset, eval_dataset),
+            ):
+                with gr.Row():
+                    for field in row:
+                        field.render()
+            calib_samples.render()
     load = gr.Button("Load", variant="primary", elem_id="model-load")
     state_box = gr.HTML(elem_id="model-status")
     summary = gr.HTML(elem_id="model-summary")
-    inputs = [
+    return ModelPanel(
         source,
         dtype,
         calib_kind,
@@ -90,8 +125,10 @@ def build(settings: Settings) -> ModelPanel:
         eval_kind,
         eval_file,
         eval_dataset,
-    ]
-    return ModelPanel(inputs, load, state_box, summary)
+        load,
+        state_box,
+        summary,
+    )
 
 
 def source_dict(kind: str, file: str | None, dataset: str, samples: int) -> dict:
@@ -113,29 +150,26 @@ def source_dict(kind: str, file: str | None, dataset: str, samples: int) -> dict
 
 
 def load(
-    settings: Settings,
-    session: SessionState,
-    source: str,
-    dtype: str,
-    calib_kind: str,
-    calib_file: str | None,
-    calib_dataset: str,
-    calib_samples: int,
-    eval_kind: str,
-    eval_file: str | None,
-    eval_dataset: str,
-    progress=TRACK,
-) -> tuple[SessionState, str, str]:
+    panel: ModelPanel, settings: Settings, state: gr.State, values: dict, progress=TRACK
+) -> dict:
     """Load (or re-use) the shared model; on failure nothing of the session changes."""
-    source = (source or "").strip()
+    session: SessionState = values[state]
+    source = (values[panel.source] or "").strip()
     if not source:
         raise gr.Error("Choose a model: an embedded one, a hub id, a folder or a .gguf file.")
     try:
-        calibration = source_dict(calib_kind, calib_file, calib_dataset, calib_samples)
-        evaluation = source_dict(eval_kind, eval_file, eval_dataset, 0)
+        calibration = source_dict(
+            values[panel.calib_kind],
+            values[panel.calib_file],
+            values[panel.calib_dataset],
+            values[panel.calib_samples],
+        )
+        evaluation = source_dict(
+            values[panel.eval_kind], values[panel.eval_file], values[panel.eval_dataset], 0
+        )
         loaded = SHARED.open(
             source,
-            dtype,
+            values[panel.dtype],
             calibration,
             evaluation,
             settings,
@@ -158,45 +192,43 @@ def load(
         plan.remove_layers = [i for i in plan.remove_layers if i < layers]
         session.model_key, session.pruned_ppl, session.preview_plan = loaded.key, None, None
         session.recovered, session.node = None, None
-    return session, status(f"Loaded {source}.", "ok"), summary_card(loaded)
+    return loaded_view(panel, state, session, loaded)
+
+
+def loaded_view(panel: ModelPanel, state: gr.State, session: SessionState, loaded: Loaded) -> dict:
+    return {
+        state: session,
+        panel.status: status(f"Loaded {loaded.summary['source']}.", "ok"),
+        panel.summary: summary_card(loaded),
+    }
 
 
 def on_page_load(
-    settings: Settings, session: SessionState, progress=TRACK
-) -> tuple[SessionState, str, str]:
+    panel: ModelPanel, settings: Settings, state: gr.State, values: dict, progress=TRACK
+) -> dict:
     """A new page opens on the default model and text, loading them once for every session."""
+    session: SessionState = values[state]
     if session.model_key is not None:
-        loaded = SHARED.get(session.model_key)
-        return session, status(f"Loaded {loaded.summary['source']}.", "ok"), summary_card(loaded)
-    return load(
-        settings,
-        session,
-        settings.default_model,
-        "float32",
-        "builtin",
-        None,
-        "",
-        8,
-        "builtin",
-        None,
-        "",
-        progress,
-    )
+        return loaded_view(panel, state, session, SHARED.get(session.model_key))
+    defaults = {field: field.value for field in panel.inputs}
+    defaults[panel.source] = settings.default_model
+    return load(panel, settings, state, {**defaults, state: session}, progress)
 
 
-def calibrate(session: SessionState, progress=TRACK) -> str:
+def calibrate(panel: ModelPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """Right after a load: the one calibration pass every panel needs, with its progress here."""
+    session: SessionState = values[state]
     loaded = SHARED.get(session.model_key)
     plan = session.plan
     try:
         scores(loaded, plan.criterion, plan.reduction, gradio_progress(progress))
     except ExplorerError as exc:
         raise user_error(exc) from exc
-    return status(
+    message = (
         f"Loaded {loaded.summary['source']}; calibration statistics and {plan.criterion} "
-        "scores are ready.",
-        "ok",
+        "scores are ready."
     )
+    return {panel.status: status(message, "ok")}
 
 
 def summary_card(loaded: Loaded) -> str:

@@ -26,6 +26,7 @@ from .state import (
     SessionState,
     api,
     gradio_progress,
+    handler,
     human,
     select,
     status,
@@ -74,6 +75,30 @@ class PlanPanel:
         """What every plan change redraws (the session state is prepended by ``wire``)."""
         return [*self.controls, self.counters, self.status, self.info, self.save]
 
+    def read(self, values: dict, base: Plan) -> Plan:
+        """``base`` with the panel's values (a handler's input dict); table ratios count only for
+        per_layer, and ``allocation`` overrides the radio's (an edited table switches it)."""
+        allocation = values[self.allocation]
+        table = values[self.table]
+        removed = _column(table, 3, bool)
+        per_layer = allocation == "per_layer"
+        return replace(
+            base,
+            allocation=allocation,
+            criterion=values[self.criterion],
+            reduction=values[self.reduction],
+            target=float(values[self.target]),
+            attention_unit=values[self.attention_unit],
+            protect_first=int(values[self.protect_first] or 0),
+            protect_last=int(values[self.protect_last] or 0),
+            round_to=int(values[self.round_to]),
+            remove_layers=[i for i, r in enumerate(removed) if r],
+            head_ratio=0.0 if values[self.keep_heads] and not per_layer else None,
+            mlp_ratio=None,
+            head_ratios=_column(table, 1, float) if per_layer else None,
+            mlp_ratios=_column(table, 2, float) if per_layer else None,
+        )
+
 
 def build() -> PlanPanel:
     plan = Plan()
@@ -103,16 +128,19 @@ def build() -> PlanPanel:
             scale=3,
         )
         attention_unit = gr.Radio(["head", "kv"], value=plan.attention_unit, label="Attention unit")
+        # Created here, shown in the next row: creation order is the API's parameter order.
+        protect_first, protect_last = (
+            gr.Number(
+                value, precision=0, minimum=0, label=f"Protect the {end} N layers", render=False
+            )
+            for end, value in (("first", plan.protect_first), ("last", plan.protect_last))
+        )
         round_to = gr.Dropdown(
             [1, 8, 32, 64], value=plan.round_to, label="Keep MLP width a multiple of"
         )
     with gr.Row():
-        protect_first = gr.Number(
-            plan.protect_first, precision=0, minimum=0, label="Protect the first N layers"
-        )
-        protect_last = gr.Number(
-            plan.protect_last, precision=0, minimum=0, label="Protect the last N layers"
-        )
+        protect_first.render()
+        protect_last.render()
         keep_heads = gr.Checkbox(
             value=plan.head_ratio == 0,
             label="Keep every attention head (cut MLP channels only)",
@@ -221,41 +249,7 @@ def _column(table, index: int, cast) -> list:
     return out
 
 
-# -- building and applying a plan ---------------------------------------------------------------------
-def plan_from_controls(
-    base: Plan,
-    allocation: str,
-    criterion: str,
-    reduction: str,
-    target: float,
-    attention_unit: str,
-    protect_first: float | None,
-    protect_last: float | None,
-    round_to: int,
-    keep_heads: bool,
-    table,
-) -> Plan:
-    """The session's plan with the panel's values; table ratios count only for per_layer."""
-    removed = _column(table, 3, bool)
-    plan = replace(
-        base,
-        allocation=allocation,
-        criterion=criterion,
-        reduction=reduction,
-        target=float(target),
-        attention_unit=attention_unit,
-        protect_first=int(protect_first or 0),
-        protect_last=int(protect_last or 0),
-        round_to=int(round_to),
-        remove_layers=[i for i, r in enumerate(removed) if r],
-        head_ratio=0.0 if keep_heads and allocation != "per_layer" else None,
-        mlp_ratio=None,
-        head_ratios=_column(table, 1, float) if allocation == "per_layer" else None,
-        mlp_ratios=_column(table, 2, float) if allocation == "per_layer" else None,
-    )
-    return plan
-
-
+# -- applying a plan ---------------------------------------------------------------------------------
 def evaluate_plan(
     loaded: Loaded, plan: Plan, progress: gr.Progress
 ) -> tuple[Selection | None, str | None]:
@@ -266,7 +260,9 @@ def evaluate_plan(
         return None, str(exc)
 
 
-def render(session: SessionState, selection: Selection | None, error: str | None):
+def render(
+    panel: PlanPanel, state: gr.State, session: SessionState, selection: Selection | None, error
+) -> dict:
     """Every output of a plan change, for the session's (possibly invalid) plan."""
     loaded = SHARED.get(session.model_key)
     plan = session.plan
@@ -282,23 +278,23 @@ def render(session: SessionState, selection: Selection | None, error: str | None
     else:
         counters = counters_html(None, None, loaded)
         message = status(error or "", "error")
-    return (
-        session,
-        plan.allocation,
-        plan.criterion,
-        plan.reduction,
-        plan.target if plan.target is not None else 0.0,
-        plan.attention_unit,
-        plan.protect_first,
-        plan.protect_last,
-        plan.round_to,
-        plan.head_ratio == 0,
-        table_rows(loaded, plan, selection),
-        counters,
-        message,
-        info,
-        plan_file(session),
-    )
+    return {
+        state: session,
+        panel.allocation: plan.allocation,
+        panel.criterion: plan.criterion,
+        panel.reduction: plan.reduction,
+        panel.target: plan.target if plan.target is not None else 0.0,
+        panel.attention_unit: plan.attention_unit,
+        panel.protect_first: plan.protect_first,
+        panel.protect_last: plan.protect_last,
+        panel.round_to: plan.round_to,
+        panel.keep_heads: plan.head_ratio == 0,
+        panel.table: table_rows(loaded, plan, selection),
+        panel.counters: counters,
+        panel.status: message,
+        panel.info: info,
+        panel.save: plan_file(session),
+    }
 
 
 def plan_file(session: SessionState) -> str:
@@ -338,76 +334,41 @@ def counters_html(sizes: dict | None, selection: Selection | None, loaded: Loade
     )
 
 
-def apply(
-    session: SessionState,
-    allocation: str,
-    criterion: str,
-    reduction: str,
-    target: float,
-    attention_unit: str,
-    protect_first: float | None,
-    protect_last: float | None,
-    round_to: int,
-    keep_heads: bool,
-    table,
-    progress=TRACK,
-):
+def apply(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """Any change of a control: the new plan, re-allocated, with its counters."""
-    loaded = SHARED.get(session.model_key)
-    controls = (allocation, criterion, reduction, target, attention_unit)
-    try:
-        check_rows(table, loaded.structure.num_layers)
-        session.plan = plan_from_controls(
-            session.plan, *controls, protect_first, protect_last, round_to, keep_heads, table
-        )
-        session.plan.check(loaded.structure.num_layers)
-    except PlanError as exc:
-        return render(session, None, str(exc))
-    return render(session, *evaluate_plan(loaded, session.plan, progress))
+    return _apply(panel, state, values, values[panel.allocation], progress)
 
 
-def edit_table(
-    session: SessionState,
-    allocation: str,
-    criterion: str,
-    reduction: str,
-    target: float,
-    attention_unit: str,
-    protect_first: float | None,
-    protect_last: float | None,
-    round_to: int,
-    keep_heads: bool,
-    table,
-    progress=TRACK,
-):
+def edit_table(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """A table edit: an edited ratio turns a uniform/global plan into a per-layer one."""
+    session = values[state]
     loaded = SHARED.get(session.model_key)
     try:
-        check_rows(table, loaded.structure.num_layers)
+        check_rows(values[panel.table], loaded.structure.num_layers)
     except PlanError as exc:
-        return render(session, None, str(exc))
+        return render(panel, state, session, None, str(exc))
+    allocation = values[panel.allocation]
     if allocation != "per_layer":
         shown, _ = evaluate_plan(loaded, session.plan, progress)
         if shown is not None:
             try:
-                if _differs(table, *ratios_of(loaded, shown)):
+                if _differs(values[panel.table], *ratios_of(loaded, shown)):
                     allocation = "per_layer"
             except PlanError as exc:
-                return render(session, None, str(exc))
-    return apply(
-        session,
-        allocation,
-        criterion,
-        reduction,
-        target,
-        attention_unit,
-        protect_first,
-        protect_last,
-        round_to,
-        keep_heads,
-        table,
-        progress,
-    )
+                return render(panel, state, session, None, str(exc))
+    return _apply(panel, state, values, allocation, progress)
+
+
+def _apply(panel: PlanPanel, state: gr.State, values: dict, allocation: str, progress) -> dict:
+    session = values[state]
+    loaded = SHARED.get(session.model_key)
+    try:
+        check_rows(values[panel.table], loaded.structure.num_layers)
+        session.plan = panel.read({**values, panel.allocation: allocation}, session.plan)
+        session.plan.check(loaded.structure.num_layers, CRITERIA)
+    except PlanError as exc:
+        return render(panel, state, session, None, str(exc))
+    return render(panel, state, session, *evaluate_plan(loaded, session.plan, progress))
 
 
 def _differs(table, heads: list[float], mlp: list[float]) -> bool:
@@ -415,24 +376,26 @@ def _differs(table, heads: list[float], mlp: list[float]) -> bool:
     return any(abs(a - b) > RATIO_TOLERANCE for a, b in pairs)
 
 
-def show(session: SessionState, progress=TRACK):
+def show(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """Redraw for the session's plan (after a model load)."""
+    session = values[state]
     loaded = SHARED.get(session.model_key)
     try:
-        session.plan.check(loaded.structure.num_layers)
+        session.plan.check(loaded.structure.num_layers, CRITERIA)
     except PlanError as exc:
-        return render(session, None, str(exc))
-    return render(session, *evaluate_plan(loaded, session.plan, progress))
+        return render(panel, state, session, None, str(exc))
+    return render(panel, state, session, *evaluate_plan(loaded, session.plan, progress))
 
 
-def load_plan(session: SessionState, path: str | None, progress=TRACK):
+def load_plan(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """A plan file from the user: refused with a readable error, the current plan kept."""
+    session, path = values[state], values[panel.load]
     loaded = SHARED.get(session.model_key)
     try:
         if not path:
             raise PlanError("No file was uploaded. Choose a plan .json file.")
         plan = Plan.load(path)
-        plan.check(loaded.structure.num_layers)
+        plan.check(loaded.structure.num_layers, CRITERIA)
     except ExplorerError as exc:
         raise user_error(exc) from exc
     source = loaded.summary["source"]
@@ -447,19 +410,23 @@ def load_plan(session: SessionState, path: str | None, progress=TRACK):
         )
     plan.calibration, plan.evaluation = current.calibration, current.evaluation
     session.plan = plan
-    return render(session, *evaluate_plan(loaded, plan, progress))
+    return render(panel, state, session, *evaluate_plan(loaded, plan, progress))
 
 
 def wire(panel: PlanPanel, session: gr.State) -> list:
-    """Connect the controls; returns the events that change the plan (for the live preview)."""
-    inputs = [session, *panel.controls]
+    """Connect the controls; returns the events that change the plan (for the live preview).
+
+    Handlers take the set of their inputs as one dict keyed by component; Gradio orders a set by
+    creation, which is the API's parameter order (``build`` creates the controls in that order).
+    """
+    inputs = {session, *panel.controls}
     outputs = [session, *panel.outputs]
     events = []
     for control in panel.controls[:-1]:
         trigger = control.release if isinstance(control, gr.Slider) else control.input
         events.append(
             trigger(
-                apply,
+                handler(apply, panel, session),
                 inputs,
                 outputs,
                 **api("set_plan" if control is panel.allocation else None),
@@ -469,7 +436,7 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
         )
     events.append(
         panel.table.input(
-            edit_table,
+            handler(edit_table, panel, session),
             inputs,
             outputs,
             **api("edit_table"),
@@ -479,8 +446,8 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
     )
     events.append(
         panel.load.upload(
-            load_plan,
-            [session, panel.load],
+            handler(load_plan, panel, session),
+            {session, panel.load},
             outputs,
             show_progress="hidden",  # quick; a refused file shows only its toast
             **api("load_plan"),
@@ -491,8 +458,8 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
 
 def refresh_event(panel: PlanPanel, session: gr.State, after, name: str | None = None):
     return after.success(
-        show,
-        [session],
+        handler(show, panel, session),
+        {session},
         [session, *panel.outputs],
         **api(name),
         show_progress_on=[panel.counters],

@@ -27,6 +27,7 @@ from .state import (
     SessionState,
     api,
     gradio_progress,
+    handler,
     select,
     status,
     stop_runs,
@@ -181,14 +182,29 @@ def shown(value: float | None) -> str:
     return "" if value is None else f"{value:.3f}"
 
 
-def run_preview(session: SessionState, request: gr.Request):
+def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.Request):
     """Stream both perplexities; the session records the pruned one with the plan it belongs to."""
+    session: SessionState = values[state]
     loaded = SHARED.get(session.model_key)
     try:
         selection = select(loaded, session.plan, lambda *_: None)
     except ExplorerError as exc:
-        yield session, gr.skip(), "", status(f"No preview: {exc}", "error"), gr.skip()
+        yield {
+            state: session,
+            panel.pruned: "",
+            panel.status: status(f"No preview: {exc}", "error"),
+        }
         return
+
+    def outputs(message: str) -> dict:
+        return {
+            state: session,
+            panel.dense: shown(dense),
+            panel.pruned: shown(pruned),
+            panel.status: message,
+            panel.curve: curve_figure(curves, total),
+        }
+
     pruning = session.pruning_json()
     total = loaded.explorer.evaluation.shape[0]
     curves: dict[str, list] = {"dense": [], "pruned": []}
@@ -207,7 +223,7 @@ def run_preview(session: SessionState, request: gr.Request):
                     f"({change:+.1%}).",
                     "ok",
                 )
-                yield session, shown(dense), shown(pruned), message, curve_figure(curves, total)
+                yield outputs(message)
                 return
             view, step = value
             curves[view].append((step.done, step.perplexity))
@@ -219,19 +235,18 @@ def run_preview(session: SessionState, request: gr.Request):
                 f"{view}: {step.done}/{step.total} windows, running perplexity "
                 f"{step.perplexity:.3f}"
             )
-            yield session, shown(dense), shown(pruned), message, curve_figure(curves, total)
+            yield outputs(message)
     except ExplorerError as exc:
         raise user_error(exc) from exc
-    stopped_message = status("Stopped.", "info")
-    yield session, shown(dense), shown(pruned), stopped_message, curve_figure(curves, total)
+    yield outputs(status("Stopped.", "info"))
 
 
-def auto_preview(session: SessionState, auto: bool, request: gr.Request):
+def auto_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.Request):
     """After a plan change: preview again when asked to and the plan is valid."""
-    if not auto:
-        yield (gr.skip(),) * 5
+    if not values[panel.auto]:
+        yield {}
         return
-    yield from run_preview(session, request)
+    yield from run_preview(panel, state, values, request)
 
 
 def stopped() -> str:
@@ -239,9 +254,9 @@ def stopped() -> str:
 
 
 # -- generation ---------------------------------------------------------------------------------------
-def continuation(ex, selection: Selection, prompt: str, **kwargs) -> tuple[torch.Tensor, int]:
+def continuation(explorer, selection: Selection, prompt: str, **kwargs) -> tuple[torch.Tensor, int]:
     """All token ids (prompt + continuation) of one view, and where the continuation starts."""
-    _, ids, prompt_length = ex.generate(selection, prompt, **kwargs)
+    _, ids, prompt_length = explorer.generate(selection, prompt, **kwargs)
     return ids, prompt_length
 
 
@@ -253,19 +268,18 @@ def highlighted(tokenizer, ids: torch.Tensor, labels: list[str | None]) -> list[
     ]
 
 
-def generate(
-    session: SessionState,
-    prompt: str,
-    max_new_tokens: float,
-    seed: float,
-    sample: bool,
-    progress=TRACK,
-):
+def generate(panel: PreviewPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """Dense and pruned continuations of one prompt with one seed, the drops highlighted."""
+    session: SessionState = values[state]
+    prompt = values[panel.prompt]
     loaded = SHARED.get(session.model_key)
     if not (prompt or "").strip():
         raise gr.Error("Type a prompt first.")
-    options = {"max_new_tokens": int(max_new_tokens), "seed": int(seed or 0), "sample": sample}
+    options = {
+        "max_new_tokens": int(values[panel.max_new_tokens]),
+        "seed": int(values[panel.seed] or 0),
+        "sample": values[panel.sample],
+    }
     report = gradio_progress(progress)
     try:
         session.policy.check_generation(prompt, options["max_new_tokens"])
@@ -300,25 +314,27 @@ def generate(
             else "the pruned text is identical."
         )
     )
-    return (
-        highlighted(tok, dense_new, dense_labels),
-        highlighted(tok, pruned_new, pruned_labels),
-        summary,
-    )
+    return {
+        panel.dense_text: highlighted(tok, dense_new, dense_labels),
+        panel.pruned_text: highlighted(tok, pruned_new, pruned_labels),
+        panel.generation_status: summary,
+    }
 
 
 def wire(panel: PreviewPanel, session: gr.State, plan_events: list) -> None:
     outputs = [session, panel.dense, panel.pruned, panel.status, panel.curve]
     shown = {"show_progress_on": [panel.status]}
-    runs = [panel.run.click(run_preview, [session], outputs, **shown, **api("preview"))]
+    run = handler(run_preview, panel, session)
+    runs = [panel.run.click(run, {session}, outputs, **shown, **api("preview"))]
+    auto = handler(auto_preview, panel, session)
     for event in plan_events:
-        runs.append(event.then(auto_preview, [session, panel.auto], outputs, **shown, **api(None)))
+        runs.append(event.then(auto, {session, panel.auto}, outputs, **shown, **api(None)))
     panel.stop.click(stop_runs, None, None, cancels=runs, **api("stop"), queue=False).then(
         stopped, None, panel.status, **api(None)
     )
     panel.generate.click(
-        generate,
-        [session, panel.prompt, panel.max_new_tokens, panel.seed, panel.sample],
+        handler(generate, panel, session),
+        {session, panel.prompt, panel.max_new_tokens, panel.seed, panel.sample},
         [panel.dense_text, panel.pruned_text, panel.generation_status],
         show_progress_on=[panel.generation_status],
         **api("generate"),

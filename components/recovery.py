@@ -30,6 +30,7 @@ from .state import (
     Recovered,
     SessionState,
     api,
+    handler,
     select,
     status,
     stop_runs,
@@ -163,36 +164,43 @@ def checked(step: RecoveryStep, f: Field, value) -> bool | int | float:
     return int(number) if whole else number
 
 
-def shown_groups(chosen: Sequence[str] | None) -> list[gr.Group]:
+def shown_groups(panel: RecoverPanel, chosen: Sequence[str] | None) -> dict:
     """Each parameter group shown while its step is chosen."""
-    return [gr.Group(visible=name in (chosen or [])) for name in with_parameters()]
+    return {group: gr.Group(visible=name in (chosen or [])) for name, group in panel.groups.items()}
 
 
-def set_recovery(session: SessionState, chosen: list[str] | None, *values):
+def set_recovery(panel: RecoverPanel, state: gr.State, plan_save, values: dict) -> dict:
     """A change of the form: the plan's recovery (and its saved JSON) follow, when valid."""
+    session: SessionState = values[state]
+    chosen = values[panel.steps]
     try:
-        session.plan.recovery = recipe(chosen, values, session.plan.recovery)
+        form = [values[c] for c in panel.params]
+        session.plan.recovery = recipe(chosen, form, session.plan.recovery)
     except ExplorerError as exc:
-        return gr.skip(), status(str(exc), "error"), *shown_groups(chosen)
-    return plan_file(session), status("Saved in the plan.", "ok"), *shown_groups(chosen)
+        return {panel.status: status(str(exc), "error"), **shown_groups(panel, chosen)}
+    return {
+        plan_save: plan_file(session),
+        panel.status: status("Saved in the plan.", "ok"),
+        **shown_groups(panel, chosen),
+    }
 
 
-def show(session: SessionState):
+def show(panel: RecoverPanel, state: gr.State, values: dict) -> dict:
     """The form for the session's plan (after a plan is loaded or changed elsewhere)."""
+    session: SessionState = values[state]
     steps = RECOVERY_STEPS
     entries = {entry.get("step"): entry for entry in session.plan.recovery}
     chosen = [name for name in entries if name in steps]
     unknown = [str(name) for name in entries if name not in steps]
-    values = [entries.get(f.step, {}).get(f.name, f.default) for f in fields()]
-    message = (
-        status(
+    form = [entries.get(f.step, {}).get(f.name, f.default) for f in fields()]
+    out = {panel.steps: chosen, **dict(zip(panel.params, form, strict=True))}
+    out.update(shown_groups(panel, chosen))
+    if unknown:
+        out[panel.status] = status(
             f"The plan names unknown recovery steps ({', '.join(unknown)}); choose from the list.",
             "error",
         )
-        if unknown
-        else gr.skip()
-    )
-    return chosen, *values, *shown_groups(chosen), message
+    return out
 
 
 # -- recovering and measuring -------------------------------------------------------------------------
@@ -236,14 +244,13 @@ def loss_figure(reports: list[dict]) -> go.Figure | None:
     return fig
 
 
-def run_recovery(session: SessionState, chosen: list[str] | None, request: gr.Request, *values):
-    """Recover the plan's selection with the chosen steps and measure dense, pruned, recovered.
-
-    (``request`` comes before the form's values: Gradio passes it only as a positional argument.)
-    """
+def run_recovery(panel: RecoverPanel, state: gr.State, values: dict, request: gr.Request):
+    """Recover the plan's selection with the chosen steps and measure dense, pruned, recovered."""
+    session: SessionState = values[state]
     loaded = SHARED.get(session.model_key)
     try:
-        steps = recipe(chosen, values, session.plan.recovery)
+        form = [values[c] for c in panel.params]
+        steps = recipe(values[panel.steps], form, session.plan.recovery)
         if not steps:
             raise PlanError("No recovery step is chosen. Choose at least one from the list.")
         session.policy.check_recovery(steps)
@@ -257,12 +264,19 @@ def run_recovery(session: SessionState, chosen: list[str] | None, request: gr.Re
         dense, pruned = perplexities(loaded, selection, lambda item: emit(measuring(item)), known)
         return dense, pruned, recover(loaded, selection, steps, emit, made_for)
 
-    yield session, status("Starting…"), "", "", "", None, None
-    skip = (gr.skip(),) * 5
+    yield {
+        state: session,
+        panel.status: status("Starting…"),
+        panel.dense: "",
+        panel.pruned: "",
+        panel.recovered: "",
+        panel.reports: None,
+        panel.losses: None,
+    }
     try:
         for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "item":
-                yield session, status(value), *skip
+                yield {state: session, panel.status: status(value)}
                 continue
             dense, pruned, done = value
             session.pruned_ppl, session.preview_plan = pruned, session.pruning_json()
@@ -273,20 +287,19 @@ def run_recovery(session: SessionState, chosen: list[str] | None, request: gr.Re
                 f"recovered {done.perplexity:.3f} ({change:+.1%}); dense {dense:.3f}.",
                 "ok",
             )
-            figure = loss_figure(done.reports)
-            yield (
-                session,
-                message,
-                shown(dense),
-                shown(pruned),
-                shown(done.perplexity),
-                done.reports,
-                figure,
-            )
+            yield {
+                state: session,
+                panel.status: message,
+                panel.dense: shown(dense),
+                panel.pruned: shown(pruned),
+                panel.recovered: shown(done.perplexity),
+                panel.reports: done.reports,
+                panel.losses: loss_figure(done.reports),
+            }
             return
     except ExplorerError as exc:
         raise user_error(exc) from exc
-    yield session, stopped(), *skip
+    yield {state: session, panel.status: stopped()}
 
 
 def wire(panel: RecoverPanel, session: gr.State, plan_events: list, plan_save) -> None:
@@ -294,8 +307,8 @@ def wire(panel: RecoverPanel, session: gr.State, plan_events: list, plan_save) -
     groups = list(panel.groups.values())
     for control in panel.form:
         control.input(
-            set_recovery,
-            [session, *panel.form],
+            handler(set_recovery, panel, session, plan_save),
+            {session, *panel.form},
             [plan_save, panel.status, *groups],
             trigger_mode="always_last",
             show_progress="hidden",
@@ -303,8 +316,8 @@ def wire(panel: RecoverPanel, session: gr.State, plan_events: list, plan_save) -
         )
     for event in plan_events:
         event.success(
-            show,
-            [session],
+            handler(show, panel, session),
+            {session},
             [*panel.form, *groups, panel.status],
             show_progress="hidden",
             **api(None),
@@ -319,8 +332,8 @@ def wire(panel: RecoverPanel, session: gr.State, plan_events: list, plan_save) -
         panel.losses,
     ]
     run = panel.run.click(
-        run_recovery,
-        [session, *panel.form],
+        handler(run_recovery, panel, session),
+        {session, *panel.form},
         outputs,
         show_progress_on=[panel.status],
         **api("recover"),

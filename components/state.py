@@ -10,6 +10,8 @@ sessions (the plan, the last preview, the selected node) lives in ``SessionState
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import math
 import queue
@@ -281,6 +283,29 @@ def streamed(
 def api(name: str | None) -> dict:
     """Event options: a public endpoint called ``name``, or one only the page itself calls."""
     return {"api_name": name} if name else {"api_visibility": "private"}
+
+
+def handler(fn: Callable, *panel_args) -> Callable:
+    """``fn`` with its first arguments (the panel, the session state, ...) fixed, for an event.
+
+    Handlers are ``fn(*panel_args, values, ...)``: ``values`` is the dict of the event's set of
+    inputs, keyed by component. ``functools.partial`` would hide the signature and type hints
+    Gradio reads to pass ``gr.Request`` and ``gr.Progress``, so they are kept here (and a
+    generator stays a generator, which Gradio streams).
+    """
+    if inspect.isgeneratorfunction(fn):
+
+        def bound(*args, **kwargs):
+            yield from fn(*panel_args, *args, **kwargs)
+    else:
+
+        def bound(*args, **kwargs):
+            return fn(*panel_args, *args, **kwargs)
+
+    functools.update_wrapper(bound, fn)
+    params = list(inspect.signature(fn).parameters.values())[len(panel_args) :]
+    bound.__signature__ = inspect.Signature(params)
+    return bound
 
 
 def user_error(exc: ExplorerError) -> gr.Error:

@@ -19,7 +19,7 @@ import plotly.graph_objects as go
 
 from explorer.model.structure import Group, Kind, StructureMap
 
-from .state import SHARED, SessionState, api, human
+from .state import SHARED, SessionState, api, handler, human
 
 KIND_TITLES: dict[str, str] = {
     "head": "Query head",
@@ -62,6 +62,15 @@ def build() -> StructurePanel:
         "(or pick it below) to highlight everything coupled to it and list the slices one unit "
         "owns. Collapsed layers are one orange node each."
     )
+    # Created first, shown below: creation order is the order of /select_node's parameters.
+    node = gr.Dropdown(
+        [],
+        label="Selected node",
+        elem_id="structure-node",
+        scale=3,
+        allow_custom_value=True,
+        render=False,
+    )
     with gr.Row():
         expanded = gr.Dropdown(
             [],
@@ -74,9 +83,7 @@ def build() -> StructurePanel:
         only_expanded = gr.Checkbox(label="Hide collapsed layers", value=False, scale=1)
     plot = gr.Plot(label="Dependency graph", elem_id="structure-graph")
     with gr.Row():
-        node = gr.Dropdown(
-            [], label="Selected node", elem_id="structure-node", scale=3, allow_custom_value=True
-        )
+        node.render()
         toggle = gr.Button("Expand / collapse its layer", scale=1, elem_id="structure-toggle")
     click = gr.Textbox(visible="hidden", elem_id="structure-click")
     details = gr.Markdown(elem_id="structure-details")
@@ -84,88 +91,88 @@ def build() -> StructurePanel:
 
 
 # -- what a node is coupled to ----------------------------------------------------------------------
-def node_module(s: StructureMap, node: str) -> str | None:
+def node_module(structure: StructureMap, node: str) -> str | None:
     """Dotted module path of a graph node (``L3.q_proj`` -> ``model.layers.3.self_attn.q_proj``)."""
-    attrs = s.graph.nodes[node]
-    f = s.family
+    attrs = structure.graph.nodes[node]
+    f = structure.family
     if attrs["layer"] is None:
         return {"embed": f.embed, "final_norm": f.final_norm, "lm_head": f.lm_head}.get(node)
     names = {name.rpartition(".")[2]: name for name in (*f.linears, *f.hidden_norms)}
-    return s.path(attrs["layer"], names[attrs["role"]])
+    return structure.path(attrs["layer"], names[attrs["role"]])
 
 
-def node_kinds(s: StructureMap, node: str) -> list[Kind]:
+def node_kinds(structure: StructureMap, node: str) -> list[Kind]:
     """The group kinds whose units own slices of this node's weights."""
     if node.startswith("L") and node[1:].isdigit():
         return ["layer"]
-    layer = s.graph.nodes[node]["layer"]
-    module = node_module(s, node)
+    layer = structure.graph.nodes[node]["layer"]
+    module = node_module(structure, node)
     kinds: list[Kind] = []
     if layer is not None:
         for kind in ("head", "kv", "mlp"):
-            if module in {m.module for m in s.members(kind, layer)}:
+            if module in {m.module for m in structure.members(kind, layer)}:
                 kinds.append(kind)
     if (
         node == "residual"
-        or module in {m.module for m in s.members("hidden")}
-        or (node == "lm_head" and s.tied)
+        or module in {m.module for m in structure.members("hidden")}
+        or (node == "lm_head" and structure.tied)
     ):
         kinds.append("hidden")
     return kinds
 
 
-def highlighted_kinds(s: StructureMap, node: str) -> list[Kind]:
+def highlighted_kinds(structure: StructureMap, node: str) -> list[Kind]:
     """The kinds a click highlights: a module's own layer's groups when it has any.
 
     Every linear module also reads or writes the residual stream, so highlighting hidden-channel
     coupling for them would light up the whole model; that coupling is listed, not drawn.
     """
-    kinds = node_kinds(s, node)
+    kinds = node_kinds(structure, node)
     local = [k for k in kinds if k not in ("hidden",)]
     return local or kinds
 
 
-def coupled_nodes(s: StructureMap, node: str) -> set[str]:
+def coupled_nodes(structure: StructureMap, node: str) -> set[str]:
     """Every node whose weights share a highlighted group with ``node`` (itself included)."""
-    kinds = highlighted_kinds(s, node)
+    kinds = highlighted_kinds(structure, node)
     if kinds == ["layer"]:
         return {node}
-    layer = s.graph.nodes[node]["layer"]
+    layer = structure.graph.nodes[node]["layer"]
     modules: set[str] = set()
     for kind in kinds:
-        modules |= {m.module for m in s.members(kind, None if kind == "hidden" else layer)}
+        modules |= {m.module for m in structure.members(kind, None if kind == "hidden" else layer)}
     out = {node}
-    for other in s.graph.nodes:
-        if node_module(s, other) in modules:
+    for other in structure.graph.nodes:
+        if node_module(structure, other) in modules:
             out.add(other)
     if "hidden" in kinds:
         out |= {"residual", "lm_head"}
     return out
 
 
-def node_details(s: StructureMap, node: str) -> str:
+def node_details(structure: StructureMap, node: str) -> str:
     """Markdown: the node's shape and, per group kind, the slices one unit owns and its size."""
     if node.startswith("L") and node[1:].isdigit():
         layer = int(node[1:])
         lines = [f"### Layer {layer} (collapsed)", ""]
         lines.append(
-            f"A whole decoder block: **{human(s.group_params('layer'))}** parameters "
-            f"({s.group_params('layer'):,}); it holds {s.heads} query heads in {s.kv_heads} "
-            f"key-value groups and {s.intermediate} MLP channels. Expand it to see its modules."
+            f"A whole decoder block: **{human(structure.group_params('layer'))}** parameters "
+            f"({structure.group_params('layer'):,}); it holds {structure.heads} query heads in {structure.kv_heads} "
+            f"key-value groups and {structure.intermediate} MLP channels. Expand it to see its modules."
         )
         return "\n".join(lines)
-    attrs = s.graph.nodes[node]
+    attrs = structure.graph.nodes[node]
     shape = " × ".join(str(d) for d in attrs["shape"])
     lines = [f"### {node}", "", f"Role `{attrs['role']}`, shape {shape}."]
-    module = node_module(s, node)
+    module = node_module(structure, node)
     if module:
         lines.append(f"Module `{module}`.")
-    kinds = node_kinds(s, node)
-    shown = highlighted_kinds(s, node)
+    kinds = node_kinds(structure, node)
+    shown = highlighted_kinds(structure, node)
     for kind in shown:
         layer = None if kind == "hidden" else attrs["layer"]
-        units = s.units(kind)
-        per_unit = s.group_params(kind)
+        units = structure.units(kind)
+        per_unit = structure.group_params(kind)
         where = "in the model" if kind == "hidden" else f"in layer {layer}"
         lines += [
             "",
@@ -176,17 +183,17 @@ def node_details(s: StructureMap, node: str) -> str:
             "| module | parameter | axis | slice |",
             "|---|---|---|---|",
         ]
-        slices = s.slices(Group(kind, layer, 0))
+        slices = structure.slices(Group(kind, layer, 0))
         for sl in slices[:12]:
             axis = "rows" if sl.dim == 0 else "columns"
             lines.append(f"| `{sl.module}` | {sl.param} | {axis} | {sl.start}:{sl.stop} |")
         if len(slices) > 12:
             lines.append(f"| … {len(slices) - 12} more slices | | | |")
     if "hidden" in kinds and "hidden" not in shown:
-        per = s.group_params("hidden")
+        per = structure.group_params("hidden")
         lines += [
             "",
-            f"It also reads or writes the residual stream: each of its {s.hidden} hidden channels "
+            f"It also reads or writes the residual stream: each of its {structure.hidden} hidden channels "
             f"is one **{KIND_TITLES['hidden']}** group of {per:,} parameters spanning every "
             "layer (select `residual` to see its slices).",
         ]
@@ -202,10 +209,10 @@ def _norm_offsets(count: int) -> list[float]:
 
 
 def layout(
-    s: StructureMap, expanded: set[int], only_expanded: bool
+    structure: StructureMap, expanded: set[int], only_expanded: bool
 ) -> dict[str, tuple[float, float]]:
     """Positions of the visible nodes; collapsed layers are keyed ``L<i>``."""
-    f = s.family
+    f = structure.family
     pos: dict[str, tuple[float, float]] = {"embed": (-1.2, 2.0)}
     short = {name.rpartition(".")[2]: key for key, name in zip("qkvo", f.linears[:4], strict=True)}
     short |= {f.gate.rpartition(".")[2]: "gate", f.up.rpartition(".")[2]: "up"}
@@ -218,9 +225,9 @@ def layout(
         )
     )
     x = 0.0
-    for layer in range(s.num_layers):
+    for layer in range(structure.num_layers):
         if layer in expanded:
-            for node, attrs in s.graph.nodes(data=True):
+            for node, attrs in structure.graph.nodes(data=True):
                 if attrs["layer"] != layer:
                     continue
                 role = attrs["role"]
@@ -240,15 +247,15 @@ def layout(
 
 
 def dependency_figure(
-    s: StructureMap,
+    structure: StructureMap,
     expanded: set[int],
     *,
     selected: str | None = None,
     show_hidden: bool = False,
     only_expanded: bool = False,
 ) -> go.Figure:
-    pos = layout(s, expanded, only_expanded)
-    lit = coupled_nodes(s, selected) if selected in pos else set()
+    pos = layout(structure, expanded, only_expanded)
+    lit = coupled_nodes(structure, selected) if selected in pos else set()
     fig = go.Figure()
     left, right = min(x for x, _ in pos.values()), max(x for x, _ in pos.values())
     fig.add_trace(
@@ -265,7 +272,7 @@ def dependency_figure(
         if kind == "hidden" and not show_hidden:
             continue
         xs, ys = [], []
-        for a, b, attrs in s.graph.edges(data=True):
+        for a, b, attrs in structure.graph.edges(data=True):
             if attrs["kind"] != kind:
                 continue
             # Hidden edges run to the bus right below the module, not to the residual node.
@@ -288,7 +295,7 @@ def dependency_figure(
     nodes = list(pos)
     colours, sizes, texts, hovers, lines = [], [], [], [], []
     for node in nodes:
-        colour, size, label, hover = _node_look(s, node)
+        colour, size, label, hover = _node_look(structure, node)
         colours.append(colour)
         sizes.append(size)
         texts.append(label)
@@ -319,7 +326,9 @@ def dependency_figure(
     )
     for layer in sorted(expanded):
         xs = [
-            x for node, (x, _) in pos.items() if s.graph.nodes.get(node, {}).get("layer") == layer
+            x
+            for node, (x, _) in pos.items()
+            if structure.graph.nodes.get(node, {}).get("layer") == layer
         ]
         if xs:
             fig.add_shape(
@@ -380,8 +389,11 @@ def parse_layers(values: list | None) -> set[int]:
     return {int(v) for v in values or []}
 
 
-def refresh(session: SessionState, expanded: list | None, show_hidden: bool, only_expanded: bool):
+def refresh(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     """Redraw for the session's model; on a new model, offer its layers and nodes."""
+    session: SessionState = values[state]
+    expanded = values[panel.expanded]
+    show_hidden, only_expanded = values[panel.show_hidden], values[panel.only_expanded]
     s = SHARED.get(session.model_key).structure
     layers = [str(i) for i in range(s.num_layers)]
     chosen = [v for v in (expanded or []) if v in layers] or ["0", layers[-1]]
@@ -394,20 +406,23 @@ def refresh(session: SessionState, expanded: list | None, show_hidden: bool, onl
         show_hidden=show_hidden,
         only_expanded=only_expanded,
     )
-    return (
-        gr.Dropdown(choices=layers, value=chosen),
-        fig,
-        gr.Dropdown(choices=nodes, value=selected),
-        node_details(s, selected) if selected else "Click a node to see what it is coupled to.",
-    )
+    return {
+        panel.expanded: gr.Dropdown(choices=layers, value=chosen),
+        panel.plot: fig,
+        panel.node: gr.Dropdown(choices=nodes, value=selected),
+        panel.details: node_details(s, selected)
+        if selected
+        else "Click a node to see what it is coupled to.",
+    }
 
 
-def select_node(
-    session: SessionState, node: str, expanded: list | None, show_hidden: bool, only_expanded: bool
-):
+def select_node(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     """A node chosen by click (``node|nonce`` from the JS bridge) or from the list."""
+    session: SessionState = values[state]
+    expanded = values[panel.expanded]
+    show_hidden, only_expanded = values[panel.show_hidden], values[panel.only_expanded]
     s = SHARED.get(session.model_key).structure
-    node = (node or "").split("|")[0]
+    node = (values.get(panel.click) or values.get(panel.node) or "").split("|")[0]
     known = node in s.graph.nodes or (node.startswith("L") and node[1:].isdigit())
     if not known:
         raise gr.Error(f"There is no node '{node}' in this model. Pick one from the list.")
@@ -419,11 +434,18 @@ def select_node(
         show_hidden=show_hidden,
         only_expanded=only_expanded,
     )
-    return session, fig, gr.Dropdown(value=node), node_details(s, node)
+    return {
+        state: session,
+        panel.plot: fig,
+        panel.node: gr.Dropdown(value=node),
+        panel.details: node_details(s, node),
+    }
 
 
-def toggle_layer(session: SessionState, expanded: list | None) -> tuple[SessionState, list[str]]:
+def toggle_layer(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     """Expand the selected node's layer, or collapse it when it is already expanded."""
+    session: SessionState = values[state]
+    expanded = values[panel.expanded]
     s = SHARED.get(session.model_key).structure
     node = session.node
     if node is None:
@@ -439,31 +461,32 @@ def toggle_layer(session: SessionState, expanded: list | None) -> tuple[SessionS
         session.node = None
     else:
         session.node = f"L{layer}"
-    return session, sorted((str(i) for i in chosen), key=int)
+    return {state: session, panel.expanded: sorted((str(i) for i in chosen), key=int)}
 
 
 def wire(panel: StructurePanel, session: gr.State) -> None:
-    view = [panel.expanded, panel.show_hidden, panel.only_expanded]
+    view = {session, panel.expanded, panel.show_hidden, panel.only_expanded}
     redraw = [panel.expanded, panel.plot, panel.node, panel.details]
-    for control in view:
-        control.input(refresh, [session, *view], redraw, **api(None))
+    draw, pick = handler(refresh, panel, session), handler(select_node, panel, session)
+    for control in (panel.expanded, panel.show_hidden, panel.only_expanded):
+        control.input(draw, view, redraw, **api(None))
     selected = [session, panel.plot, panel.node, panel.details]
     shown = {"show_progress_on": [panel.details]}
-    panel.node.input(
-        select_node, [session, panel.node, *view], selected, **shown, **api("select_node")
-    )
-    panel.click.change(select_node, [session, panel.click, *view], selected, **shown, **api(None))
+    panel.node.input(pick, {*view, panel.node}, selected, **shown, **api("select_node"))
+    panel.click.change(pick, {*view, panel.click}, selected, **shown, **api(None))
     panel.toggle.click(
-        toggle_layer, [session, panel.expanded], [session, panel.expanded], **api(None)
-    ).then(refresh, [session, *view], redraw, **api(None))
+        handler(toggle_layer, panel, session),
+        {session, panel.expanded},
+        [session, panel.expanded],
+        **api(None),
+    ).then(draw, view, redraw, **api(None))
 
 
 def refresh_event(panel: StructurePanel, session: gr.State, after, name: str | None = None) -> None:
     """Redraw once a model is (re)loaded."""
-    view = [panel.expanded, panel.show_hidden, panel.only_expanded]
     after.success(
-        refresh,
-        [session, *view],
+        handler(refresh, panel, session),
+        {session, panel.expanded, panel.show_hidden, panel.only_expanded},
         [panel.expanded, panel.plot, panel.node, panel.details],
         **api(name),
     )

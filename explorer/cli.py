@@ -159,21 +159,21 @@ def _with_bar(desc: str, fn, *args, **kwargs):
         bar.close()
 
 
-def print_selection(ex: Explorer, sel: Selection) -> None:
-    s = ex.structure
+def print_selection(explorer: Explorer, selection: Selection) -> None:
+    s = explorer.structure
     print("layer  heads kept  kv kept  mlp kept   (removed: heads / mlp channels)")
     for layer in range(s.num_layers):
-        if layer in sel.layers:
+        if layer in selection.layers:
             print(f"{layer:5d}  removed whole layer")
             continue
-        k = sel.kept(s, layer)
+        k = selection.kept(s, layer)
         print(
             f"{layer:5d}  {k['heads']:4d}/{s.heads:<4d}  {k['kv_heads']:3d}/{s.kv_heads:<3d}"
             f"  {k['intermediate']:5d}/{s.intermediate:<5d}"
-            f"  {len(sel.heads.get(layer, ())):3d} / {len(sel.mlp.get(layer, ())):5d}"
+            f"  {len(selection.heads.get(layer, ())):3d} / {len(selection.mlp.get(layer, ())):5d}"
         )
-    if sel.hidden:
-        print(f"hidden channels removed: {len(sel.hidden)} of {s.hidden}")
+    if selection.hidden:
+        print(f"hidden channels removed: {len(selection.hidden)} of {s.hidden}")
 
 
 def run(plan: Plan, args: argparse.Namespace) -> dict:

@@ -112,9 +112,9 @@ def _remove_layers(model: nn.Module, s: StructureMap, selection: Selection) -> N
         model.config.layer_types = [model.config.layer_types[i] for i in kept]
 
 
-def layer_sizes(s: StructureMap, selection: Selection) -> list[dict[str, int]]:
+def layer_sizes(structure: StructureMap, selection: Selection) -> list[dict[str, int]]:
     """Each kept layer's sizes, in the new layer order."""
-    return [selection.kept(s, i) for i in selection.kept_layers(s)]
+    return [selection.kept(structure, i) for i in selection.kept_layers(structure)]
 
 
 def _update_config(model: nn.Module, s: StructureMap, selection: Selection) -> None:

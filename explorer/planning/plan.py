@@ -160,30 +160,34 @@ def _check_ratio(name: str, value: float | None) -> None:
 
 
 # -- allocation -----------------------------------------------------------------------------------
-def pruned_layers(plan: Plan, s: StructureMap) -> list[int]:
+def pruned_layers(plan: Plan, structure: StructureMap) -> list[int]:
     """Layers a uniform or global plan may cut: not protected, not removed whole."""
-    last = s.num_layers - plan.protect_last
+    last = structure.num_layers - plan.protect_last
     return [i for i in range(plan.protect_first, last) if i not in plan.remove_layers]
 
 
-def allocate(plan: Plan, s: StructureMap, scores: Scores) -> Selection:
+def allocate(plan: Plan, structure: StructureMap, scores: Scores) -> Selection:
     """Which units go under ``plan``, given importance ``scores`` (lowest go first)."""
-    plan.check(s.num_layers)
+    plan.check(structure.num_layers)
     layers = sorted(set(plan.remove_layers))
     # transformers requires hidden_size to stay a multiple of the head count: keep rounded up.
-    n_hidden = _removal_count(plan.hidden_ratio * s.hidden, s.hidden, s.heads)
+    n_hidden = _removal_count(
+        plan.hidden_ratio * structure.hidden, structure.hidden, structure.heads
+    )
     hidden = _lowest(scores, "hidden", n_hidden) if n_hidden else []
     if plan.allocation == "global":
-        heads, kv, mlp = _allocate_global(plan, s, scores)
+        heads, kv, mlp = _allocate_global(plan, structure, scores)
     else:
         heads, kv, mlp = {}, {}, {}
-        for layer, head_r, mlp_r in _layer_ratios(plan, s):
-            _cut_attention(plan, s, scores, layer, head_r, heads, kv)
-            n_mlp = _removal_count(mlp_r * s.intermediate, s.intermediate, plan.round_to)
+        for layer, head_r, mlp_r in _layer_ratios(plan, structure):
+            _cut_attention(plan, structure, scores, layer, head_r, heads, kv)
+            n_mlp = _removal_count(
+                mlp_r * structure.intermediate, structure.intermediate, plan.round_to
+            )
             mlp[layer] = _lowest_in_layer(scores, "mlp", layer, n_mlp)
         if plan.allocation == "uniform" and plan.target is not None and plan.mlp_ratio is None:
-            mlp = _fit_mlp_to_target(plan, s, scores, heads, kv, layers, hidden)
-    return Selection.make(s, heads=heads, kv=kv, mlp=mlp, hidden=hidden, layers=layers)
+            mlp = _fit_mlp_to_target(plan, structure, scores, heads, kv, layers, hidden)
+    return Selection.make(structure, heads=heads, kv=kv, mlp=mlp, hidden=hidden, layers=layers)
 
 
 def _layer_ratios(plan: Plan, s: StructureMap) -> list[tuple[int, float, float]]:

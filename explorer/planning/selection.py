@@ -56,25 +56,28 @@ class Selection:
         sel.validate(structure)
         return sel
 
-    def validate(self, s: StructureMap) -> None:
+    def validate(self, structure: StructureMap) -> None:
         """Raise ``PlanError`` unless the pruned model can be built."""
-        for name, per_layer, n in (("head", self.heads, s.heads), ("kv", self.kv, s.kv_heads)):
+        for name, per_layer, n in (
+            ("head", self.heads, structure.heads),
+            ("kv", self.kv, structure.kv_heads),
+        ):
             for layer, idx in per_layer.items():
                 _check_range(f"layer {layer} {name}", idx, n)
-                _check_range("layer index", [layer], s.num_layers)
+                _check_range("layer index", [layer], structure.num_layers)
         for layer, idx in self.mlp.items():
-            _check_range(f"layer {layer} MLP channel", idx, s.intermediate)
-            _check_range("layer index", [layer], s.num_layers)
-        _check_range("hidden channel", self.hidden, s.hidden)
-        _check_range("layer", self.layers, s.num_layers)
-        if len(self.hidden) >= s.hidden:
+            _check_range(f"layer {layer} MLP channel", idx, structure.intermediate)
+            _check_range("layer index", [layer], structure.num_layers)
+        _check_range("hidden channel", self.hidden, structure.hidden)
+        _check_range("layer", self.layers, structure.num_layers)
+        if len(self.hidden) >= structure.hidden:
             raise PlanError("The plan removes every hidden channel. Lower the hidden ratio.")
-        if len(self.layers) >= s.num_layers:
+        if len(self.layers) >= structure.num_layers:
             raise PlanError("The plan removes every layer. Keep at least one layer.")
-        for layer in range(s.num_layers):
+        for layer in range(structure.num_layers):
             if layer in self.layers:
                 continue
-            counts = self.heads_per_kv_group(s, layer)
+            counts = self.heads_per_kv_group(structure, layer)
             if not any(counts.values()):
                 raise PlanError(
                     f"The plan removes every attention head of layer {layer}. "
@@ -86,36 +89,41 @@ class Selection:
                     "every kept kv group must keep the same number (at least one). "
                     "Remove query heads evenly from every kv group."
                 )
-            if len(self.mlp.get(layer, ())) >= s.intermediate:
+            if len(self.mlp.get(layer, ())) >= structure.intermediate:
                 raise PlanError(
                     f"The plan removes every MLP channel of layer {layer}. "
                     "Lower that layer's MLP ratio, or remove the whole layer instead."
                 )
 
-    def heads_per_kv_group(self, s: StructureMap, layer: int) -> dict[int, int]:
+    def heads_per_kv_group(self, structure: StructureMap, layer: int) -> dict[int, int]:
         """Kept kv group -> how many of its query heads stay."""
         removed = set(self.heads.get(layer, ()))
         out = {}
-        for g in range(s.kv_heads):
+        for g in range(structure.kv_heads):
             if g in self.kv.get(layer, ()):
                 continue
-            out[g] = sum(h not in removed for h in range(g * s.group_size, (g + 1) * s.group_size))
+            out[g] = sum(
+                h not in removed
+                for h in range(g * structure.group_size, (g + 1) * structure.group_size)
+            )
         return out
 
-    def kept(self, s: StructureMap, layer: int) -> dict[str, int]:
+    def kept(self, structure: StructureMap, layer: int) -> dict[str, int]:
         """Sizes of a kept layer after pruning: query heads, kv heads, MLP width."""
         return {
-            "heads": s.heads - len(self.heads.get(layer, ())),
-            "kv_heads": s.kv_heads - len(self.kv.get(layer, ())),
-            "intermediate": s.intermediate - len(self.mlp.get(layer, ())),
+            "heads": structure.heads - len(self.heads.get(layer, ())),
+            "kv_heads": structure.kv_heads - len(self.kv.get(layer, ())),
+            "intermediate": structure.intermediate - len(self.mlp.get(layer, ())),
         }
 
-    def kept_layers(self, s: StructureMap) -> list[int]:
-        return [i for i in range(s.num_layers) if i not in self.layers]
+    def kept_layers(self, structure: StructureMap) -> list[int]:
+        return [i for i in range(structure.num_layers) if i not in self.layers]
 
-    def is_uniform(self, s: StructureMap) -> bool:
+    def is_uniform(self, structure: StructureMap) -> bool:
         """True when every kept layer has the same sizes: a plain transformers config fits."""
-        return len({tuple(self.kept(s, i).values()) for i in self.kept_layers(s)}) <= 1
+        return (
+            len({tuple(self.kept(structure, i).values()) for i in self.kept_layers(structure)}) <= 1
+        )
 
     @property
     def is_empty(self) -> bool:
@@ -165,39 +173,41 @@ def _check_range(what: str, idx, n: int) -> None:
 
 
 # -- sizes ------------------------------------------------------------------------------------------
-def layer_params(s: StructureMap, sel: Selection, layer: int) -> int:
+def layer_params(structure: StructureMap, selection: Selection, layer: int) -> int:
     """Parameters of one decoder layer after ``sel`` (0 for a removed layer)."""
-    if layer in sel.layers:
+    if layer in selection.layers:
         return 0
-    f, b, hd = s.family, s.bias, s.head_dim
-    d = s.hidden - len(sel.hidden)
-    k = sel.kept(s, layer)
+    f, b, hd = structure.family, structure.bias, structure.head_dim
+    d = structure.hidden - len(selection.hidden)
+    k = selection.kept(structure, layer)
     q_out, kv_out, inter = k["heads"] * hd, k["kv_heads"] * hd, k["intermediate"]
     n = q_out * (d + b[f.q]) + 2 * kv_out * d + kv_out * (b[f.k] + b[f.v])
     n += d * (q_out + b[f.o])
     n += inter * (2 * d + b[f.gate] + b[f.up]) + d * (inter + b[f.down])
-    n += len(s.head_norms) * hd + len(f.hidden_norms) * d
+    n += len(structure.head_norms) * hd + len(f.hidden_norms) * d
     return n
 
 
-def param_counts(s: StructureMap, sel: Selection) -> dict[str, int]:
+def param_counts(structure: StructureMap, selection: Selection) -> dict[str, int]:
     """Total, decoder-block and embedding parameters after ``sel``."""
-    d = s.hidden - len(sel.hidden)
-    blocks = sum(layer_params(s, sel, i) for i in range(s.num_layers))
-    embeddings = s.vocab * d * (1 if s.tied else 2)
+    d = structure.hidden - len(selection.hidden)
+    blocks = sum(layer_params(structure, selection, i) for i in range(structure.num_layers))
+    embeddings = structure.vocab * d * (1 if structure.tied else 2)
     return {"total": blocks + embeddings + d, "blocks": blocks, "embeddings": embeddings}
 
 
-def flops_per_token(s: StructureMap, sel: Selection, context: int = 256) -> float:
+def flops_per_token(structure: StructureMap, selection: Selection, context: int = 256) -> float:
     """Estimated forward FLOPs per token at an average ``context`` length.
 
     2 FLOPs per weight of every matrix multiply (the output head included, the embedding lookup
     not), plus attention scores and the weighted sum: 4 * heads * head_dim * context per layer.
     """
-    d = s.hidden - len(sel.hidden)
-    total = 2.0 * s.vocab * d
-    for layer in sel.kept_layers(s):
-        norms = len(s.head_norms) * s.head_dim + len(s.family.hidden_norms) * d
-        total += 2.0 * (layer_params(s, sel, layer) - norms)
-        total += 4.0 * sel.kept(s, layer)["heads"] * s.head_dim * context
+    d = structure.hidden - len(selection.hidden)
+    total = 2.0 * structure.vocab * d
+    for layer in selection.kept_layers(structure):
+        norms = (
+            len(structure.head_norms) * structure.head_dim + len(structure.family.hidden_norms) * d
+        )
+        total += 2.0 * (layer_params(structure, selection, layer) - norms)
+        total += 4.0 * selection.kept(structure, layer)["heads"] * structure.head_dim * context
     return total

@@ -17,6 +17,8 @@ import torch
 
 pytest.register_assert_rewrite("tests.app.fixtures")
 
+import gradio as gr  # noqa: E402
+
 from components import recovery, state  # noqa: E402
 from components.importance import agreement  # noqa: E402
 from components.model import source_dict  # noqa: E402
@@ -453,15 +455,17 @@ def test_a_plans_recovery_fills_the_recover_form_and_comes_back_from_it():
             {"step": "nope"},
         ]
     )
-    chosen, *rest = recovery.show(state.SessionState(plan=plan))
-    values, groups, message = rest[: len(fields)], rest[len(fields) : -1], rest[-1]
+    with gr.Blocks():
+        panel, session = recovery.build(), gr.State()
+    shown = recovery.show(panel, session, {session: state.SessionState(plan=plan)})
+    chosen, values = shown[panel.steps], [shown[control] for control in panel.params]
     assert chosen == ["lora", "layerwise"]  # the plan's order
     form = {(f.step, f.name): v for f, v in zip(fields, values, strict=True)}
     assert form["lora", "steps"] == 3 and form["lora", "lr"] == 1e-3
     assert form["lora", "rank"] == 8 and form["layerwise", "damping"] == 0.01  # defaults
-    visible = {name: g.visible for name, g in zip(recovery.with_parameters(), groups, strict=True)}
+    visible = {name: shown[group].visible for name, group in panel.groups.items()}
     assert visible == {"layerwise": True, "lora": True, "surgeon": False}
-    assert "unknown recovery steps (nope)" in message
+    assert "unknown recovery steps (nope)" in shown[panel.status]
     # Back into the plan: what the form does not show (layer-wise's modules) is kept.
     assert recovery.recipe(chosen, values, plan.recovery) == [
         {"step": "lora", "steps": 3, "lr": 1e-3, "rank": 8, "batch_size": 4, "seed": 0},
