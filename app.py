@@ -33,12 +33,14 @@ from components import (  # noqa: E402
     plan,
     preview,
     recovery,
+    sensitivity,
     structure,
 )
 from components.state import SessionState, Settings, handler  # noqa: E402
 from explorer.errors import ExplorerError  # noqa: E402
 from explorer.model.loading import cache_root  # noqa: E402
 from explorer.planning.plan import Plan  # noqa: E402
+from explorer.planning.presets import DEFAULT, load_preset  # noqa: E402
 from explorer.policy import AccessPolicy  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -48,23 +50,31 @@ TITLE = "Pruning Explorer"
 def build_app(
     *,
     default_model: str = "smollm2-135m",
-    calibration_windows: int = 10,
+    default_plan: Plan | None = None,
+    calibration_windows: int | None = None,
     eval_windows: int | None = None,
     policy: AccessPolicy | None = None,
 ) -> gr.Blocks:
-    """The app. ``eval_windows`` limits the evaluation windows (tests use a few; None: all).
+    """The app, opening on ``default_plan`` (None: the best measured recipe, ``presets.DEFAULT``)
+    with the calibration amount that plan names. ``calibration_windows`` and ``eval_windows``
+    override the plan's calibration windows and limit the evaluation windows (tests use a few).
 
     ``policy``: what clients may do (default: the safe defaults of ``AccessPolicy.make``); the
     start-up model and Gradio's upload folder are added to it here.
     """
     policy = server_policy(policy or AccessPolicy.make(), default_model)
+    opening = load_preset(DEFAULT) if default_plan is None else default_plan
+    opening.model = default_model
+    if calibration_windows is not None:
+        opening.calibration_windows = calibration_windows
     settings = Settings(
         default_model=default_model,
-        calibration_windows=calibration_windows,
+        calibration_windows=opening.calibration_windows,
+        calibration_length=opening.calibration_length,
         evaluation_windows=eval_windows,
     )
     with gr.Blocks(title=TITLE) as demo:
-        session = gr.State(SessionState(plan=Plan(model=default_model), policy=policy))
+        session = gr.State(SessionState(plan=opening, policy=policy))
         gr.Markdown(
             f"# {TITLE}\nStructured pruning of causal LMs: look at the coupled structure, score "
             "units, plan how much to cut where, preview perplexity and text live, recover, export."
@@ -80,6 +90,7 @@ def build_app(
                 importance_panel = importance.build()
             with gr.Tab("Plan", id="plan", elem_id="tab-plan"):
                 plan_panel = plan.build()
+                sensitivity_panel = sensitivity.build()
             with gr.Tab("Preview", id="preview", elem_id="tab-preview"):
                 preview_panel = preview.build()
             with gr.Tab("Recover", id="recover", elem_id="tab-recover"):
@@ -126,6 +137,7 @@ def build_app(
         importance.wire(importance_panel, session)
         plan_events = plan.wire(plan_panel, session)
         preview.wire(preview_panel, session, plan_events)
+        sensitivity.wire(sensitivity_panel, session, plan_events)
         recovery.wire(recovery_panel, session, plan_events, plan_panel.save)
         export.wire(export_panel, session)
         demo.load(None, js=(ASSETS / "bridge.js").read_text())

@@ -15,7 +15,8 @@ import gradio as gr
 
 from explorer.catalogue import CRITERIA
 from explorer.errors import ExplorerError, PlanError
-from explorer.planning.plan import Plan
+from explorer.planning.plan import ALLOCATIONS, Plan
+from explorer.planning.presets import TITLES, load_preset, preset_names
 from explorer.planning.selection import Selection, layer_params
 from explorer.scoring.base import REDUCTIONS
 
@@ -54,6 +55,7 @@ class PlanPanel:
     info: gr.JSON
     save: gr.DownloadButton
     load: gr.UploadButton
+    preset: gr.Dropdown
 
     @property
     def controls(self) -> list:
@@ -104,11 +106,12 @@ def build() -> PlanPanel:
     plan = Plan()
     with gr.Row():
         allocation = gr.Radio(
-            ["uniform", "per_layer", "global"],
+            list(ALLOCATIONS),
             value=plan.allocation,
             label="Allocation",
             info="uniform: the same cut in every unprotected layer; global: cheapest units "
-            "first across layers; per_layer: the table below.",
+            "first across layers; sensitivity: the least measured damage (runs the sweep "
+            "below); per_layer: the table below.",
             elem_id="plan-allocation",
             scale=3,
         )
@@ -162,6 +165,13 @@ def build() -> PlanPanel:
     with gr.Row():
         save = gr.DownloadButton("Save plan JSON", elem_id="plan-save")
         load = gr.UploadButton("Load plan JSON", file_types=[".json"], elem_id="plan-load")
+        preset = gr.Dropdown(
+            [TITLES[name] for name in preset_names()],
+            value=None,
+            label="Preset: fill the plan with a named recipe",
+            elem_id="plan-preset",
+            scale=2,
+        )
     info = gr.JSON(visible=False, elem_id="plan-info")
     return PlanPanel(
         allocation,
@@ -179,6 +189,7 @@ def build() -> PlanPanel:
         info,
         save,
         load,
+        preset,
     )
 
 
@@ -340,22 +351,25 @@ def apply(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> di
 
 
 def edit_table(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
-    """A table edit: an edited ratio turns a uniform/global plan into a per-layer one."""
+    """A table edit: an edited ratio turns the plan into a per-layer one, for good.
+
+    The allocation comes from the session's plan, not from the radio's value sent with the
+    event: an edit queued behind the one that switched the plan to per-layer still carries the
+    old allocation, and taking it turned the plan back (the edit "reverted" seconds later). A
+    cell that is not a number is refused while the plan, and so every other cell, stays as it
+    was.
+    """
     session = values[state]
     loaded = SHARED.get(session.model_key)
+    shown, _ = evaluate_plan(loaded, session.plan, progress)
+    table = values[panel.table]
     try:
-        check_rows(values[panel.table], loaded.structure.num_layers)
+        check_rows(table, loaded.structure.num_layers)
+        _column(table, 1, float), _column(table, 2, float)
     except PlanError as exc:
-        return render(panel, state, session, None, str(exc))
-    allocation = values[panel.allocation]
-    if allocation != "per_layer":
-        shown, _ = evaluate_plan(loaded, session.plan, progress)
-        if shown is not None:
-            try:
-                if _differs(values[panel.table], *ratios_of(loaded, shown)):
-                    allocation = "per_layer"
-            except PlanError as exc:
-                return render(panel, state, session, None, str(exc))
+        return render(panel, state, session, shown, str(exc))
+    edited = shown is not None and _differs(table, *ratios_of(loaded, shown))
+    allocation = "per_layer" if edited else session.plan.allocation
     return _apply(panel, state, values, allocation, progress)
 
 
@@ -390,14 +404,43 @@ def show(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dic
 def load_plan(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
     """A plan file from the user: refused with a readable error, the current plan kept."""
     session, path = values[state], values[panel.load]
-    loaded = SHARED.get(session.model_key)
     try:
         if not path:
             raise PlanError("No file was uploaded. Choose a plan .json file.")
         plan = Plan.load(path)
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    return use_plan(panel, state, session, plan, progress)
+
+
+def choose_preset(panel: PlanPanel, state: gr.State, values: dict, progress=TRACK) -> dict:
+    """A shipped recipe from the preset menu (the same file ``--preset`` replays)."""
+    names = {TITLES[name]: name for name in preset_names()}
+    try:
+        if values[panel.preset] not in names:
+            raise PlanError("Unknown preset. Choose one from the menu.")
+        plan = load_preset(names[values[panel.preset]])
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
+    return use_plan(panel, state, values[state], plan, progress)
+
+
+def use_plan(panel: PlanPanel, state: gr.State, session, plan: Plan, progress) -> dict:
+    """Make ``plan`` the session's, on the loaded model and text (warning where they differ)."""
+    loaded = SHARED.get(session.model_key)
+    try:
         plan.check(loaded.structure.num_layers, CRITERIA)
     except ExplorerError as exc:
         raise user_error(exc) from exc
+    ex = loaded.explorer
+    amount = (plan.calibration_windows, plan.calibration_length)
+    if amount != tuple(ex.calibration.shape):
+        gr.Warning(
+            f"The plan calibrates on {amount[0]} x {amount[1]} tokens; the loaded session uses "
+            f"{ex.calibration.shape[0]} x {ex.calibration.shape[1]}, so its number can differ "
+            "from the plan's own."
+        )
+    plan.calibration_windows, plan.calibration_length = ex.calibration.shape
     source = loaded.summary["source"]
     if plan.model != source:
         gr.Warning(f"The plan was made for {plan.model}; it is applied to {source}.")
@@ -442,6 +485,15 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
             **api("edit_table"),
             trigger_mode="always_last",
             show_progress_on=[panel.counters],
+        )
+    )
+    events.append(
+        panel.preset.input(
+            handler(choose_preset, panel, session),
+            {session, panel.preset},
+            outputs,
+            show_progress_on=[panel.counters],
+            **api("choose_preset"),
         )
     )
     events.append(

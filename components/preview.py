@@ -9,7 +9,7 @@ recomputes only the layers after it. A running preview stops at the next batch w
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 
@@ -19,6 +19,7 @@ import torch
 
 from explorer.errors import ExplorerError
 from explorer.planning.selection import Selection
+from explorer.recovery.live import split_steps
 
 from .state import (
     SHARED,
@@ -38,6 +39,7 @@ from .state import (
 BIG_DROP, DROP = 2.0, 1.0  # nats: how far a token's log-probability fell to be highlighted
 LABELS = {"big": f"fell > {BIG_DROP:g} nats", "drop": f"fell {DROP:g}–{BIG_DROP:g} nats"}
 DIVERGES = "pruned output diverges here"
+STALE = "Stale: the plan changed since this result. Run the preview again."
 
 
 @dataclass
@@ -68,7 +70,7 @@ def build() -> PreviewPanel:
         run = gr.Button("Run preview", variant="primary", elem_id="preview-run")
         stop = gr.Button("Stop", variant="stop", elem_id="preview-stop")
         auto = gr.Checkbox(
-            value=False, label="Preview again after every plan change", elem_id="preview-auto"
+            value=True, label="Preview again after every plan change", elem_id="preview-auto"
         )
     with gr.Row():
         dense = gr.Textbox(label="Dense perplexity", interactive=False, elem_id="preview-dense")
@@ -122,11 +124,16 @@ def build() -> PreviewPanel:
 
 # -- perplexity ---------------------------------------------------------------------------------------
 def perplexities(
-    loaded: Loaded, selection: Selection, emit: Callable, known: float | None = None
+    loaded: Loaded,
+    selection: Selection,
+    emit: Callable,
+    known: float | None = None,
+    steps: Sequence[dict] = (),
 ) -> tuple[float, float]:
     """Dense (once per model) then pruned perplexity; ``emit((view, step))`` after every batch.
 
     ``known``: the pruned perplexity when a preview already measured it (not measured again).
+    ``steps``: recovery steps; the live ones are applied (``explorer.recovery.live``).
     Runs in a worker that holds the lock (see ``state.streamed``).
     """
     ex = loaded.explorer
@@ -134,7 +141,26 @@ def perplexities(
         loaded.dense_ppl = measure(ex.iter_perplexity(Selection()), "dense", emit)
     if known is not None:
         return loaded.dense_ppl, known
-    return loaded.dense_ppl, measure(ex.iter_perplexity(selection), "pruned", emit)
+    return loaded.dense_ppl, measure(ex.iter_perplexity(selection, steps), "pruned", emit)
+
+
+def included(steps: Sequence[dict]) -> str:
+    """Which recovery steps the previewed number includes, and which it does not."""
+    live, later = split_steps(steps)
+    names = ", ".join(e["step"] for e in live)
+    text = f"Includes the live steps: {names}." if live else "Masks only (no recovery step)."
+    if later:
+        text += (
+            f" Not included: {', '.join(e['step'] for e in later)} (they cannot run live; "
+            "Recover or Export gives the number with them)."
+        )
+    return text
+
+
+def preview_key(session: SessionState) -> str:
+    """What a preview's number depends on: the pruning, and the live steps when there are any."""
+    live, _ = split_steps(session.plan.recovery)
+    return session.plan_json() if live else session.pruning_json()
 
 
 def measure(steps: Iterator, view: str, emit: Callable) -> float:
@@ -205,13 +231,13 @@ def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.
             panel.curve: curve_figure(curves, total),
         }
 
-    pruning = session.pruning_json()
+    pruning, steps = preview_key(session), list(session.plan.recovery)
     total = loaded.explorer.evaluation.shape[0]
     curves: dict[str, list] = {"dense": [], "pruned": []}
     if loaded.dense_ppl is not None:  # measured once per model: a flat line
         curves["dense"] = [(1, loaded.dense_ppl), (total, loaded.dense_ppl)]
     dense, pruned = loaded.dense_ppl, None
-    work = lambda emit: perplexities(loaded, selection, emit)  # noqa: E731
+    work = lambda emit: perplexities(loaded, selection, emit, steps=steps)  # noqa: E731
     try:
         for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "done":
@@ -220,7 +246,7 @@ def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.
                 change = pruned / dense - 1 if dense else math.nan
                 message = status(
                     f"Done on {total} windows: dense {dense:.3f}, pruned {pruned:.3f} "
-                    f"({change:+.1%}).",
+                    f"({change:+.1%}). {included(steps)}",
                     "ok",
                 )
                 yield outputs(message)
@@ -242,11 +268,15 @@ def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.
 
 
 def auto_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.Request):
-    """After a plan change: preview again when asked to and the plan is valid."""
-    if not values[panel.auto]:
+    """After a plan change: preview again when asked to; else mark the shown result stale."""
+    session = values[state]
+    stale = session.preview_plan is not None and session.preview_plan != preview_key(session)
+    if stale:  # at once, before a new run has anything to show
+        yield {panel.status: status(STALE, "error")}
+    if values[panel.auto]:
+        yield from run_preview(panel, state, values, request)
+    elif not stale:
         yield {}
-        return
-    yield from run_preview(panel, state, values, request)
 
 
 def stopped() -> str:

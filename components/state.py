@@ -209,8 +209,8 @@ def scores(loaded: Loaded, criterion: str, reduction: str, progress: Progress) -
 def select(loaded: Loaded, plan: Plan, progress: Progress) -> Selection:
     """The plan's selection; only the first use of a criterion computes anything heavy."""
     scores(loaded, plan.criterion, plan.reduction, progress)
-    with SHARED.lock:
-        return loaded.explorer.select(plan)
+    with SHARED.lock:  # a sensitivity plan measures its sweep here, the first time
+        return loaded.explorer.select(plan, progress)
 
 
 class Stopped(Exception):

@@ -9,6 +9,7 @@ python -m explorer evaluate --model pruned/ --tasks lee_cloze
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .apply.pruning import prune_model
+from .apply.sensitivity import Sensitivity
 from .catalogue import CRITERIA, RECOVERY_STEPS
 from .data import builtin_text, text_source
 from .errors import ExplorerError
@@ -26,7 +28,9 @@ from .export.report import pruning_report
 from .export.safety import check_target
 from .model.loading import EMBEDDED, cache_root, load_model
 from .planning.plan import Plan
+from .planning.presets import load_preset, preset_names
 from .planning.selection import Selection
+from .recovery.live import split_steps
 from .scoring.base import REDUCTIONS
 from .session import Explorer
 
@@ -41,7 +45,10 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--target", type=float, default=None, help="share of decoder-block parameters to remove"
     )
-    prune.add_argument("--allocation", choices=("uniform", "global"), default=None)
+    prune.add_argument("--allocation", choices=("uniform", "global", "sensitivity"), default=None)
+    prune.add_argument(
+        "--sensitivity", type=Path, default=None, help="sensitivity allocation: a saved sweep"
+    )
     prune.add_argument("--head-ratio", type=float, default=None, help="uniform: share of heads")
     prune.add_argument("--mlp-ratio", type=float, default=None, help="uniform: share of channels")
     prune.add_argument("--attention-unit", choices=("head", "kv"), default=None)
@@ -51,17 +58,21 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument(
         "--max-ratio", type=float, default=None, help="global: most of one layer that may go"
     )
-    prune.add_argument("--calibration", default=None, help="builtin, generated, FILE, dataset:...")
-    prune.add_argument("--evaluation", default=None, help="builtin, FILE, dataset:...")
-    prune.add_argument("--calibration-windows", type=int, default=None)
-    prune.add_argument("--calibration-length", type=int, default=None)
-    prune.add_argument(
-        "--recovery",
-        default=None,
-        help=f"comma-separated recovery steps after pruning: {', '.join(RECOVERY_STEPS)}",
-    )
+    _data(prune)
     prune.add_argument("--save-plan", type=Path, default=None, help="write the plan JSON here")
     prune.add_argument("--prompt", default=None, help="also generate from this prompt")
+    sens = sub.add_parser(
+        "sensitivity", help="per-layer damage of cutting one layer alone, written as JSON/CSV"
+    )
+    _common(sens)
+    sens.add_argument("--criterion", choices=CRITERIA.names(), default=None)
+    sens.add_argument("--reduction", choices=REDUCTIONS, default=None)
+    sens.add_argument("--kinds", default="head,mlp", help="comma-separated: head, kv, mlp, layer")
+    sens.add_argument("--ratios", default=None, help="comma-separated grid (default 0.1,...,0.9)")
+    sens.add_argument("--windows", type=int, default=None, help="preview windows (default 4)")
+    _data(sens)
+    sens.add_argument("--out", type=Path, required=True, help="write the sweep JSON here")
+    sens.add_argument("--csv", type=Path, default=None, help="also write the points as CSV")
     fetch = sub.add_parser("fetch", help="fetch and cache the embedded model and corpus")
     fetch.add_argument("--model", default="smollm2-135m", choices=tuple(EMBEDDED))
     evaluate = sub.add_parser("evaluate", help="zero-shot accuracy with lm-evaluation-harness")
@@ -99,15 +110,39 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help=f"{', '.join(EMBEDDED)}, a hub id, folder, .gguf")
     p.add_argument("--plan", type=Path, default=None, help="a saved plan.json to run")
+    p.add_argument("--preset", choices=preset_names(), default=None, help="a shipped recipe")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--eval-length", type=int, default=256, help="evaluation window length")
     p.add_argument("--eval-windows", type=int, default=None, help="limit evaluation windows")
 
 
+def _data(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--calibration", default=None, help="builtin, generated, FILE, dataset:...")
+    p.add_argument("--evaluation", default=None, help="builtin, FILE, dataset:...")
+    p.add_argument("--calibration-windows", type=int, default=None)
+    p.add_argument("--calibration-length", type=int, default=None)
+    p.add_argument(
+        "--recovery",
+        default=None,
+        help=f"comma-separated recovery steps after pruning: {', '.join(RECOVERY_STEPS)}",
+    )
+
+
+def _ratios(text: str) -> list[float]:
+    try:
+        return [float(r) for r in text.split(",") if r.strip()]
+    except ValueError as e:
+        raise ExplorerError(f"--ratios must be numbers separated by commas ({e}).") from e
+
+
 def build_plan(args: argparse.Namespace) -> Plan:
     """The plan file (if any) with the command line's explicit options on top."""
+    if args.plan and args.preset:
+        raise ExplorerError("Give --plan or --preset, not both.")
     plan = Plan.load(args.plan) if args.plan else Plan()
+    if args.preset:
+        plan = load_preset(args.preset)
     overrides = {
         "model": args.model,
         "criterion": getattr(args, "criterion", None),
@@ -123,7 +158,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
         "max_ratio": getattr(args, "max_ratio", None),
         "calibration_windows": getattr(args, "calibration_windows", None),
         "calibration_length": getattr(args, "calibration_length", None),
+        "sensitivity_windows": getattr(args, "windows", None),
     }
+    if getattr(args, "ratios", None):
+        overrides["sensitivity_ratios"] = _ratios(args.ratios)
     for key, value in overrides.items():
         if value is not None:
             setattr(plan, key, value)
@@ -176,10 +214,9 @@ def print_selection(explorer: Explorer, selection: Selection) -> None:
         print(f"hidden channels removed: {len(selection.hidden)} of {s.hidden}")
 
 
-def run(plan: Plan, args: argparse.Namespace) -> dict:
-    """Score, select, evaluate (and export): prints a report, returns it as a dict."""
-    started = time.perf_counter()
-    ex = _with_bar(
+def open_explorer(plan: Plan, args: argparse.Namespace) -> Explorer:
+    """The plan's model and data, with the command line's evaluation protocol."""
+    return _with_bar(
         "load model",
         Explorer.open,
         plan,
@@ -188,12 +225,23 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         evaluation_length=args.eval_length,
         evaluation_windows=args.eval_windows,
     )
+
+
+def run(plan: Plan, args: argparse.Namespace) -> dict:
+    """Score, select, evaluate (and export): prints a report, returns it as a dict."""
+    started = time.perf_counter()
+    ex = open_explorer(plan, args)
+    if getattr(args, "sensitivity", None):
+        load_sensitivity(ex, plan, args.sensitivity)
     t0 = time.perf_counter()
     sel = _with_bar(f"score ({plan.criterion})", ex.select, plan)
     scoring_s = time.perf_counter() - t0
     sizes = ex.sizes(sel)
     dense = _with_bar("dense perplexity", ex.dense_perplexity)
     pruned = _with_bar("pruned perplexity", ex.perplexity, sel)
+    live, later = split_steps(plan.recovery)
+    if live:  # what the app's preview shows for this plan: masks plus the live recovery steps
+        previewed = _with_bar("preview", ex.perplexity, sel, steps=live)
     print_selection(ex, sel)
     block_share = 1 - sizes["block_params_after"] / sizes["block_params_before"]
     all_share = 1 - sizes["params_after"] / sizes["params_before"]
@@ -214,6 +262,9 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         f"perplexity ({ex.evaluation.shape[0]} x {ex.evaluation.shape[1]} tokens): "
         f"dense {dense:.2f} -> pruned {pruned:.2f}"
     )
+    if live:
+        names = ", ".join(e["step"] for e in live)
+        print(f"preview with the live steps ({names}): perplexity {previewed:.2f}")
     pruned_model = recovered = None
     if plan.recovery:
         pruned_model, steps = _with_bar("recovery", ex.recover, sel, plan.recovery)
@@ -226,6 +277,8 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     report = pruning_report(
         plan, sizes, ex.evaluation.shape, dense, pruned, recovered, scoring_seconds=scoring_s
     )
+    if live:
+        report["perplexity_preview"] = previewed
     if args.out:
         from .export.writer import export_model
 
@@ -285,6 +338,40 @@ def evaluate(args: argparse.Namespace) -> dict:
     return results
 
 
+def run_sensitivity(plan: Plan, args: argparse.Namespace) -> Sensitivity:
+    """Measure the sweep the plan and ``--kinds`` ask for; write its JSON (and CSV)."""
+    ex = open_explorer(plan, args)
+    kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
+    request = ex.sensitivity_request(plan, kinds)
+    total = len(request.ratios) * len(kinds) * ex.structure.num_layers
+    print(
+        f"sensitivity of {plan.model} under {plan.criterion}: {', '.join(kinds)} at "
+        f"{request.ratios} on {request.windows[0]} x {request.windows[1]} tokens "
+        f"(up to {total} points), live steps: {request.steps or 'none'}"
+    )
+    _with_bar("sensitivity", lambda progress: list(ex.iter_sensitivity(plan, kinds, progress)))
+    sens = ex.known_sensitivity(plan, kinds)
+    args.out.write_text(sens.to_json())
+    if args.csv:
+        args.csv.write_text(sens.to_csv())
+    print(f"{len(sens.points)} points in {sens.seconds:.1f} s, written to {args.out}")
+    return sens
+
+
+def load_sensitivity(ex: Explorer, plan: Plan, path: Path) -> None:
+    """Use a sweep saved by ``sensitivity --out`` for ``plan``: its grid and windows become the plan's."""
+    if not path.is_file():
+        raise ExplorerError(f"No sensitivity file at {path}. Run `sensitivity --out` first.")
+    sens = Sensitivity.from_dict(json.loads(path.read_text()))
+    if sens.criterion != plan.criterion:
+        raise ExplorerError(
+            f"The sweep in {path} was measured under '{sens.criterion}', the plan uses "
+            f"'{plan.criterion}'. Measure it for this criterion."
+        )
+    plan.sensitivity_ratios, plan.sensitivity_windows = list(sens.ratios), sens.windows[0]
+    ex.add_sensitivity(sens)
+
+
 def fetch(model: str) -> None:
     """Cache an embedded model and the built-in corpus, so later runs need no network."""
     _with_bar("fetch model", load_model, model)
@@ -305,7 +392,7 @@ def check_outputs(plan: Plan, args: argparse.Namespace) -> None:
         raise ExplorerError(
             f"--save-plan {save}: the folder '{save.parent}' does not exist. Create it first."
         )
-    if args.out:
+    if args.command != "sensitivity" and args.out:  # sensitivity's --out is a JSON file
         check_target(args.out, plan.model, args.overwrite)
 
 
@@ -324,7 +411,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         check_outputs(plan, args)
         if getattr(args, "save_plan", None):
             plan.save(args.save_plan)
-        run(plan, args)
+        if args.command == "sensitivity":
+            run_sensitivity(plan, args)
+        else:
+            run(plan, args)
     except ExplorerError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

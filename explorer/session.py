@@ -8,7 +8,8 @@ cached scores, so changing a ratio never re-reads the data.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ import torch
 from .apply.masking import masked
 from .apply.preview import LivePreview
 from .apply.pruning import prune_model
+from .apply.sensitivity import Point, Sensitivity, sweep
 from .catalogue import CRITERIA, RECOVERY_STEPS
 from .data import TextSource, ensure_disjoint, token_windows
 from .evaluate import PerplexityStep, generate, perplexity, token_logprobs
@@ -25,6 +27,7 @@ from .model.structure import StructureMap
 from .planning.plan import Plan, allocate
 from .planning.selection import Selection, flops_per_token, param_counts
 from .progress import Progress
+from .recovery.live import Compensation, live_needs, split_steps, steps_key
 from .recovery.steps import RecoveryContext, run_steps
 from .scoring.base import SCORED_KINDS, ScoreContext, Scores
 from .scoring.statistics import Needs, Statistics, collect_statistics
@@ -46,6 +49,8 @@ class Explorer:
     )
     _dense_ppl: float | None = field(default=None, init=False, repr=False)
     _live: LivePreview | None = field(default=None, init=False, repr=False)
+    _compensations: dict[str, Compensation] = field(default_factory=dict, init=False, repr=False)
+    _sensitivity: dict[str, Sensitivity] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.structure = StructureMap(self.workspace.model, family_for(self.workspace.model))
@@ -154,16 +159,90 @@ class Explorer:
             needs = crit.needs | Needs(embeddings=hidden and crit.needs.gradients)
             stats = self.statistics(needs, progress) if needs != Needs() else None
             ctx = ScoreContext(
-                self.model, self.structure, stats, reduction=reduction, seed=self.seed, kinds=kinds
+                self.model,
+                self.structure,
+                stats,
+                reduction=reduction,
+                seed=self.seed,
+                kinds=kinds,
+                progress=progress,
             )
             self._scores[key] = crit.score(ctx)
         return self._scores[key]
 
     def select(self, plan: Plan, progress: Progress | None = None) -> Selection:
-        """The selection ``plan`` gives on this model: its criterion's scores, allocated."""
+        """The selection ``plan`` gives on this model: its criterion's scores, allocated (a
+        sensitivity plan runs its sweep once)."""
         plan.check(self.structure.num_layers, CRITERIA)
         scores = self.scores(plan.criterion, plan.reduction, progress, hidden=plan.hidden_ratio > 0)
-        return allocate(plan, self.structure, scores)
+        sens = self.sensitivity(plan, progress) if plan.allocation == "sensitivity" else None
+        return allocate(plan, self.structure, scores, sens)
+
+    # -- sensitivity --------------------------------------------------------------------------------
+    def sensitivity_request(self, plan: Plan, kinds: Sequence[str] | None = None) -> Sensitivity:
+        """The (empty) sweep ``plan`` asks for: its criterion, grid, windows and live steps."""
+        if kinds is None:
+            attention = "kv" if plan.attention_unit == "kv" else "head"
+            kinds = ["mlp"] + ([attention] if plan.head_ratio != 0 else [])
+        live, _ = split_steps(plan.recovery)
+        crit = CRITERIA[plan.criterion]
+        n = min(plan.sensitivity_windows, self.evaluation.shape[0])
+        return Sensitivity(
+            criterion=plan.criterion,
+            reduction=plan.reduction if crit.uses_reduction else "-",
+            kinds=list(kinds),
+            ratios=[float(r) for r in plan.sensitivity_ratios],
+            windows=[n, int(self.evaluation.shape[1])],
+            steps=live,
+        )
+
+    def iter_sensitivity(
+        self, plan: Plan, kinds: Sequence[str] | None = None, progress: Progress | None = None
+    ) -> Iterator[Point]:
+        """Measure (or replay from the cache) the sweep ``plan`` asks for, point by point.
+
+        Cached per (criterion, reduction, kinds, ratios, windows, live steps) once complete; a
+        sweep stopped half way is not kept.
+        """
+        request = self.sensitivity_request(plan, kinds)
+        if request.key in self._sensitivity:
+            yield from self._sensitivity[request.key].points
+            return
+        scores = self.scores(plan.criterion, plan.reduction, progress)
+        t0 = time.perf_counter()
+        stream = sweep(
+            self.model,
+            self.structure,
+            scores,
+            self.evaluation[: request.windows[0]],
+            plan,
+            kinds=request.kinds,
+            ratios=request.ratios,
+            compensation=self.compensation(request.steps, progress),
+            progress=progress,
+        )
+        request.dense_perplexity = next(stream)
+        for point in stream:
+            request.points.append(point)
+            yield point
+        request.seconds = time.perf_counter() - t0
+        self._sensitivity[request.key] = request
+
+    def sensitivity(self, plan: Plan, progress: Progress | None = None) -> Sensitivity:
+        """The complete sweep ``plan`` asks for (measured once, then cached)."""
+        for _ in self.iter_sensitivity(plan, progress=progress):
+            pass
+        return self.known_sensitivity(plan)
+
+    def known_sensitivity(
+        self, plan: Plan, kinds: Sequence[str] | None = None
+    ) -> Sensitivity | None:
+        """The sweep ``plan`` asks for if it was measured already (nothing is measured)."""
+        return self._sensitivity.get(self.sensitivity_request(plan, kinds).key)
+
+    def add_sensitivity(self, sens: Sensitivity) -> None:
+        """Use a sweep measured before (e.g. loaded from the CLI's JSON) instead of measuring."""
+        self._sensitivity[sens.key] = sens
 
     # -- preview ------------------------------------------------------------------------------------
     def dense_perplexity(self, progress: Progress | None = None) -> float:
@@ -178,16 +257,43 @@ class Explorer:
             self._live = LivePreview(self.model, self.structure, self.evaluation, batch_size=1)
         return self._live
 
-    def iter_perplexity(self, selection: Selection) -> Iterator[PerplexityStep]:
-        """The pruned view's running perplexity, batch by batch, recomputing only what changed."""
-        return self.live.run(selection)
+    def compensation(
+        self, steps: Sequence[dict], progress: Progress | None = None
+    ) -> Compensation | None:
+        """The live recovery steps among ``steps``, ready to patch the preview (None: none).
 
-    def perplexity(self, selection: Selection, progress: Progress | None = None) -> float:
-        """Perplexity of the pruned view (masks only; the shared weights are not touched)."""
+        Cached per list of steps, so their patches are reused while the plan changes.
+        """
+        live, _ = split_steps(steps)
+        if not live:
+            return None
+        stats = self.statistics(live_needs(live), progress)
+        key = steps_key(live)
+        cached = self._compensations.get(key)
+        if cached is None or cached.stats is not stats:
+            cached = self._compensations[key] = Compensation(
+                self.model, self.structure, stats, live
+            )
+        return cached
+
+    def iter_perplexity(
+        self, selection: Selection, steps: Sequence[dict] = ()
+    ) -> Iterator[PerplexityStep]:
+        """The pruned view's running perplexity, batch by batch, recomputing only what changed.
+
+        ``steps``: the plan's recovery steps; the live ones (``explorer.recovery.live``) are
+        applied, so the number is the one Export writes when no other step is listed.
+        """
+        return self.live.run(selection, self.compensation(steps))
+
+    def perplexity(
+        self, selection: Selection, progress: Progress | None = None, steps: Sequence[dict] = ()
+    ) -> float:
+        """Perplexity of the pruned view with the live ``steps`` (the shared weights come back)."""
         if selection.is_empty:
             return self.dense_perplexity(progress)
         step = None
-        for step in self.iter_perplexity(selection):
+        for step in self.iter_perplexity(selection, steps):
             if progress:
                 progress(step.done / step.total, f"perplexity {step.perplexity:.2f}")
         return step.perplexity
@@ -216,6 +322,9 @@ class Explorer:
         Recovery changes the kept weights, so unlike the preview it works on a physical copy; the
         shared model is left as it is.
         """
+        live, _ = split_steps(steps)
+        if live:
+            self.statistics(live_needs(live), progress)  # the statistics the preview reads
         pruned = prune_model(self.model, self.structure, selection)
         ctx = RecoveryContext(
             self.model, pruned, self.structure, selection, self.calibration, self._stats, progress

@@ -66,6 +66,23 @@ CALIBRATION = "\n\n".join(SENTENCES[:3] * 20)
 EVALUATION = "\n\n".join(SENTENCES[3:] * 12)
 
 
+@pytest.fixture(scope="module")
+def tiny_session(tiny_llama_dir):
+    """An ``Explorer`` on the tiny Llama folder with ``CALIBRATION`` / ``EVALUATION`` (16 tokens)."""
+    from explorer.model.loading import load_model
+    from explorer.session import Explorer
+
+    ws = load_model(str(tiny_llama_dir), device="cpu")
+    return Explorer.from_texts(
+        ws,
+        CALIBRATION,
+        EVALUATION,
+        calibration_windows=12,
+        calibration_length=16,
+        evaluation_length=16,
+    )
+
+
 @pytest.fixture
 def texts(tmp_path):
     """``CALIBRATION`` and ``EVALUATION`` as files: (calibration path, evaluation path)."""

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -27,6 +29,14 @@ from ..model.families import get_module
 from ..model.structure import StructureMap
 from ..planning.selection import Selection
 from .masking import masked
+
+
+class Patch(Protocol):
+    """Weight patches applied to a view (the live recovery steps, ``explorer.recovery.live``)."""
+
+    key: str  # what the patches compute: a view with another key restarts from scratch
+
+    def applied(self, selection: Selection) -> AbstractContextManager: ...
 
 
 class LivePreview:
@@ -53,21 +63,39 @@ class LivePreview:
         self._states: list[dict[int, torch.Tensor]] = []  # per batch: boundary -> hidden state
         self._nll: list[float] = []
         self._current: Selection | None = None
+        self._patch_key: str | None = None  # which live recovery steps the cached view has
 
     @property
     def cache_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for b in self._states for t in b.values())
 
-    def _restart_layer(self, selection: Selection) -> int:
-        """First layer whose input may differ from the cached view's (num_layers: none)."""
+    def _restart_layer(self, selection: Selection, patch_key: str | None) -> int:
+        """First layer whose input may differ from the cached view's (num_layers: none).
+
+        A live step's patches of a layer depend on that layer's removals only, so with the same
+        steps the first changed layer is still where the views part.
+        """
         if self._current is None or selection.hidden != self._current.hidden:
             return -1  # the embeddings themselves change: start from scratch
+        if patch_key != self._patch_key:
+            return -1
         changed = selection.changed_layers(self._current)
         return min(changed) if changed else self.structure.num_layers
 
-    def run(self, selection: Selection) -> Iterator[PerplexityStep]:
-        """Yield the running perplexity of ``selection``'s view after each batch of windows."""
-        start = self._restart_layer(selection)
+    def run(
+        self,
+        selection: Selection,
+        compensation: Patch | None = None,
+        observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> Iterator[PerplexityStep]:
+        """Yield the running perplexity of ``selection``'s view after each batch of windows.
+
+        ``compensation``: the live recovery steps, applied to the view (see
+        ``explorer.recovery.live``). ``observe(batch, logits, ids)`` sees each recomputed batch's
+        logits (the sensitivity sweep's KL divergence); an unchanged view replays without them.
+        """
+        key = compensation.key if compensation is not None else None
+        start = self._restart_layer(selection, key)
         if start == self.structure.num_layers:
             yield from self._replay()
             return
@@ -77,16 +105,19 @@ class LivePreview:
             self._nll = [0.0] * self.num_batches
         total, nll, tokens = self.windows.shape[0], 0.0, 0
         self._current = None  # a cancelled run leaves no half-updated view behind
-        with torch.no_grad(), masked(self.model, self.structure, selection):
+        patched = compensation.applied(selection) if compensation is not None else nullcontext()
+        with torch.no_grad(), masked(self.model, self.structure, selection), patched:
             for b in range(self.num_batches):
                 ids = self.batch(b)
                 logits = self._full(b, ids) if start < 0 else self._from(b, start)
+                if observe is not None:
+                    observe(b, logits, ids)
                 self._nll[b] = float(window_nll(logits, ids).sum())
                 nll += self._nll[b]
                 tokens += ids.numel() - ids.shape[0]
                 done = min((b + 1) * self.batch_size, total)
                 yield PerplexityStep(done, total, nll, tokens)
-        self._current = selection
+        self._current, self._patch_key = selection, key
 
     def _from(self, b: int, start: int) -> torch.Tensor:
         """Logits of batch ``b``, running the layers from the kept boundary at or before ``start``."""
@@ -123,8 +154,13 @@ class LivePreview:
 
         return hook
 
-    def perplexity(self, selection: Selection) -> float:
-        return deque(self.run(selection), maxlen=1)[0].perplexity
+    def perplexity(
+        self,
+        selection: Selection,
+        compensation: Patch | None = None,
+        observe: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None,
+    ) -> float:
+        return deque(self.run(selection, compensation, observe), maxlen=1)[0].perplexity
 
     def _replay(self) -> Iterator[PerplexityStep]:
         nll, tokens, total = 0.0, 0, self.windows.shape[0]

@@ -10,6 +10,9 @@ A plan names the model, the data, the criterion and an *allocation*:
 - ``global``: one ranking over every head slot and MLP channel of the unprotected layers, by score
   per parameter, removing the cheapest until ``target`` of the block parameters are gone. The
   sizes per layer then follow from the scores.
+- ``sensitivity``: per-layer sizes from a measured sensitivity sweep (``explorer.sensitivity``):
+  the cheapest measured damage per parameter is spent first until ``target`` is met (see
+  ``_allocate_sensitivity``); within a layer the criterion's scores pick the units.
 
 Heads are removed either as query heads taken evenly from every kv group (``attention_unit="head"``:
 ``num_attention_heads / num_key_value_heads`` stays an integer) or as whole kv groups (``"kv"``).
@@ -19,10 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 
@@ -32,7 +35,19 @@ from ..scoring.base import REDUCTIONS, Scores
 from .checks import check_layers, check_types
 from .selection import Selection, param_counts
 
-Allocation = Literal["uniform", "per_layer", "global"]
+
+class Sweep(Protocol):
+    """What the sensitivity allocation reads of a sweep (``explorer.apply.sensitivity``)."""
+
+    dense_perplexity: float
+
+    def curve(self, layer: int, kind: str) -> Sequence:
+        """The measured points (``removed``, ``kl``, ``perplexity``) of one layer and kind."""
+        ...
+
+
+Allocation = Literal["uniform", "per_layer", "global", "sensitivity"]
+ALLOCATIONS: tuple[str, ...] = ("uniform", "per_layer", "global", "sensitivity")
 PLAN_VERSION = 1
 
 
@@ -62,6 +77,10 @@ class Plan:
     calibration_length: int = 64
     seed: int = 0
     recovery: list[dict] = field(default_factory=list)
+    # sensitivity allocation: the sweep's grid, preview windows and the damage it minimises
+    sensitivity_ratios: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    sensitivity_windows: int = 4
+    sensitivity_metric: str = "kl"
     version: int = PLAN_VERSION
 
     def check(self, num_layers: int | None = None, criteria: Collection[str] | None = None) -> None:
@@ -77,9 +96,9 @@ class Plan:
             )
         if self.reduction not in REDUCTIONS:
             raise PlanError(f"Unknown reduction '{self.reduction}'. Choose one of: {REDUCTIONS}.")
-        if self.allocation not in ("uniform", "per_layer", "global"):
+        if self.allocation not in ALLOCATIONS:
             raise PlanError(
-                f"Unknown allocation '{self.allocation}'. Use uniform, per_layer or global."
+                f"Unknown allocation '{self.allocation}'. Use one of: {', '.join(ALLOCATIONS)}."
             )
         if self.attention_unit not in ("head", "kv"):
             raise PlanError("attention_unit must be 'head' or 'kv'.")
@@ -96,8 +115,14 @@ class Plan:
                 )
         if self.allocation == "per_layer" and self.head_ratios is None and self.mlp_ratios is None:
             raise PlanError("A per_layer plan needs head_ratios and/or mlp_ratios.")
-        if self.allocation == "global" and self.target is None:
-            raise PlanError("A global plan needs a target share of parameters to remove.")
+        if self.allocation in ("global", "sensitivity") and self.target is None:
+            raise PlanError(
+                f"A {self.allocation} plan needs a target share of parameters to remove."
+            )
+        if self.sensitivity_metric not in ("kl", "perplexity"):
+            raise PlanError("sensitivity_metric must be 'kl' or 'perplexity'.")
+        for r in self.sensitivity_ratios:
+            _check_ratio("sensitivity_ratios", r)
         if self.round_to < 1:
             raise PlanError("round_to must be a positive whole number (1, 8, 32, 64).")
         if self.protect_first < 0 or self.protect_last < 0:
@@ -166,8 +191,13 @@ def pruned_layers(plan: Plan, structure: StructureMap) -> list[int]:
     return [i for i in range(plan.protect_first, last) if i not in plan.remove_layers]
 
 
-def allocate(plan: Plan, structure: StructureMap, scores: Scores) -> Selection:
-    """Which units go under ``plan``, given importance ``scores`` (lowest go first)."""
+def allocate(
+    plan: Plan, structure: StructureMap, scores: Scores, sensitivity: Sweep | None = None
+) -> Selection:
+    """Which units go under ``plan``, given importance ``scores`` (lowest go first).
+
+    A ``sensitivity`` plan also needs the measured ``sensitivity`` sweep.
+    """
     plan.check(structure.num_layers)
     layers = sorted(set(plan.remove_layers))
     # transformers requires hidden_size to stay a multiple of the head count: keep rounded up.
@@ -177,6 +207,10 @@ def allocate(plan: Plan, structure: StructureMap, scores: Scores) -> Selection:
     hidden = _lowest(scores, "hidden", n_hidden) if n_hidden else []
     if plan.allocation == "global":
         heads, kv, mlp = _allocate_global(plan, structure, scores)
+    elif plan.allocation == "sensitivity":
+        if sensitivity is None:
+            raise PlanError("A sensitivity plan needs a measured sensitivity sweep. Run it first.")
+        heads, kv, mlp = _allocate_sensitivity(plan, structure, scores, sensitivity)
     else:
         heads, kv, mlp = {}, {}, {}
         for layer, head_r, mlp_r in _layer_ratios(plan, structure):
@@ -311,3 +345,80 @@ def _allocate_global(plan: Plan, s: StructureMap, scores: Scores):
         for layer, chans in taken["mlp"].items()
     }
     return taken["head"], taken["kv"], mlp
+
+
+def _allocate_sensitivity(plan: Plan, s: StructureMap, scores: Scores, sens: Sweep):
+    """Spend the parameter budget on the cheapest measured damage per parameter.
+
+    Each (layer, kind) curve — no cut, then the measured cuts, damage made non-decreasing — is
+    replaced by its lower convex hull, so its segments come in ascending damage per parameter and
+    a greedy choice by that slope over all segments solves the relaxed problem (damages assumed
+    additive, interpolated linearly between measured ratios) optimally; a dynamic programme over
+    the grid would need the ratios to be the only choices, which would miss the target by up to
+    a grid step per layer. Attention segments are taken whole (a head count is coarse) and only
+    when they fit; the MLP segment that crosses the budget is cut to the channel, so the target
+    is met as the global allocation meets it: removed >= target, one channel fewer would miss.
+    """
+    attention = "kv" if plan.attention_unit == "kv" else "head"
+    kinds = ["mlp"] + ([attention] if plan.head_ratio != 0 else [])
+    segments: list[tuple[float, int, str, int, int]] = []  # slope, layer, kind, from, to units
+    for layer in pruned_layers(plan, s):
+        for kind in kinds:
+            curve = [(0, 0.0)]
+            for p in sens.curve(layer, kind):
+                damage = p.kl if plan.sensitivity_metric == "kl" else p.perplexity
+                if plan.sensitivity_metric == "perplexity":
+                    damage -= sens.dense_perplexity
+                if p.removed > curve[-1][0]:  # two ratios may round to the same cut
+                    curve.append((p.removed, max(damage, curve[-1][1])))
+            per = s.group_params("head" if kind == "head" else kind)
+            for (u0, d0), (u1, d1) in _lower_hull(curve):
+                segments.append(((d1 - d0) / ((u1 - u0) * per), layer, kind, u0, u1))
+    if not segments:
+        raise PlanError(
+            "The sensitivity sweep has no points for the layers this plan may cut. Run the sweep "
+            "for its criterion and unit kinds."
+        )
+    segments.sort(key=lambda seg: seg[0])
+    budget = (plan.target or 0.0) * s.block_params
+    counts: dict[tuple[int, str], int] = {}
+    removed = 0.0
+    for _, layer, kind, u0, u1 in segments:
+        if removed >= budget:
+            break
+        if counts.get((layer, kind), 0) != u0:
+            continue  # an earlier segment of this curve was skipped
+        per = s.group_params("head" if kind == "head" else kind)
+        if kind != "mlp" and removed + (u1 - u0) * per > budget:
+            continue
+        take = u1 - u0 if kind != "mlp" else min(u1 - u0, math.ceil((budget - removed) / per))
+        counts[(layer, kind)] = u0 + take
+        removed += take * per
+    if removed < budget:
+        raise PlanError(
+            f"The measured cuts remove at most {removed / s.block_params:.1%} of the block "
+            "parameters. Add larger ratios to the sweep or lower the target."
+        )
+    heads, kv, mlp = {}, {}, {}
+    for (layer, kind), n in counts.items():
+        if kind == "mlp":
+            mlp[layer] = _lowest_in_layer(scores, "mlp", layer, n)
+        elif kind == "kv":
+            kv[layer] = _lowest_in_layer(scores, "kv", layer, n)
+        else:
+            heads[layer] = _heads_evenly(scores, s, layer, n // s.kv_heads)
+    return heads, kv, mlp
+
+
+def _lower_hull(curve: list[tuple[int, float]]) -> list[tuple[tuple[int, float], ...]]:
+    """Segments of the lower convex hull of points sorted by x (x strictly increasing)."""
+    hull: list[tuple[int, float]] = []
+    for point in curve:
+        while len(hull) >= 2:
+            (x0, y0), (x1, y1) = hull[-2], hull[-1]
+            if (y1 - y0) * (point[0] - x0) >= (point[1] - y0) * (x1 - x0):
+                hull.pop()  # hull[-1] lies on or above the chord: not on the lower hull
+            else:
+                break
+        hull.append(point)
+    return list(zip(hull, hull[1:], strict=False))

@@ -31,8 +31,8 @@ from ..model.structure import Kind, StructureMap
 from ..planning.selection import Selection
 from ..progress import Progress
 from ..scoring.base import SCORED_KINDS, Criterion, ScoreContext, Scores
-from ..scoring.statistics import Needs, collect_statistics
-from ..scoring.surgeon import PAPER, SURGEON, SURGEON_NEEDS, Curvature
+from ..scoring.statistics import Needs, Statistics, collect_statistics
+from ..scoring.surgeon import PAPER, SURGEON, SURGEON_NEEDS, Curvature, input_factor
 from .steps import RecoveryContext, RecoveryStep, removed_indices
 
 # The column updates (the default) read only the input covariances.
@@ -64,6 +64,25 @@ def surgeon_update(
         w = w - w[:, c] @ torch.linalg.solve(a_inv[c][:, c], a_inv[c])
         w[:, c] = 0
     return w
+
+
+def column_update(
+    structure: StructureMap,
+    stats: Statistics,
+    layer: int,
+    name: str,
+    weight: torch.Tensor,
+    cols: Sequence[int],
+    damping: float = 0.01,
+) -> torch.Tensor:
+    """Module ``name`` of ``layer`` after the correlated update that removes its columns ``cols``.
+
+    Needs only the damped input covariance A (``UPDATE_NEEDS``): the update the ``surgeon`` step
+    applies to the reader of a removed unit, and the one the live preview applies (float64 out).
+    """
+    return surgeon_update(
+        weight, input_factor(structure, stats, layer, name, damping), None, None, cols
+    )
 
 
 class Surgery(Curvature):
@@ -118,6 +137,7 @@ def surgeon_prune(
     criterion: Criterion = SURGEON,
     batch_size: int = 1,
     progress: Progress | None = None,
+    stats: Statistics | None = None,
 ) -> tuple[nn.Module, Selection]:
     """Prune a copy of ``model`` to ``target`` in ``shots`` shots; (pruned model, selection).
 
@@ -127,9 +147,10 @@ def surgeon_prune(
     with the weights updated so far), removes the cheapest units of the target until t/T of each
     kind and layer are gone, and applies the correlated update for everything removed so far.
     ``shots=1`` is one-shot LLM Surgeon. ``update_rows``: see ``Surgery.apply``. ``criterion``
-    scores each shot (``surgeon``'s costs, or e.g. the greedy ``obs``, whose order matches the
-    column update; ``damping`` applies to the update). ``model`` itself is left
-    untouched.
+    scores each shot (a registered name: ``surgeon``'s costs, or e.g. the greedy ``obs``, whose
+    order matches the column update; ``damping`` applies to the update). ``model`` itself is left
+    untouched. ``stats``: the dense model's statistics, used instead of a new pass when one shot
+    to a known selection needs nothing more (the live preview reads the same, so the two agree).
     """
     if shots < 1:
         raise ValueError("shots must be at least 1")
@@ -146,10 +167,11 @@ def surgeon_prune(
             if progress is not None:
                 progress((shot - 1 + fraction) / shots, f"Surgeon shot {shot}/{shots}: {message}")
 
-        with masked(work, s, current):
-            stats = collect_statistics(
-                work, s, windows, needs, batch_size=batch_size, progress=report
-            )
+        if not (one_shot and stats is not None and stats.covers(needs)):
+            with masked(work, s, current):
+                stats = collect_statistics(
+                    work, s, windows, needs, batch_size=batch_size, progress=report
+                )
         curvature = Surgery(work, s, stats, damping)
         if isinstance(target, Selection):
             goal = target
@@ -285,6 +307,7 @@ def _surgeon_step(
         damping=damping,
         update_rows=update_rows,
         progress=ctx.progress,
+        stats=ctx.stats,
     )
     for name, p in updated.named_parameters():
         ctx.pruned.get_parameter(name).copy_(p)

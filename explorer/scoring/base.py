@@ -41,6 +41,12 @@ class ScoreContext:
     reduction: str = "sum"
     seed: int = 0
     kinds: tuple[Kind, ...] = SCORED_KINDS
+    progress: Callable[[float, str], None] | None = None  # scoring after the pass reports here
+
+    def report(self, fraction: float, message: str) -> None:
+        """Progress of a criterion's own work (factor inverses, greedy walks), when asked for."""
+        if self.progress is not None:
+            self.progress(fraction, message)
 
     def weight(self, path: str, param: str = "weight") -> torch.Tensor:
         return read_weight(get_module(self.model, path), param)

@@ -134,6 +134,7 @@ def greedy_scores(ctx: ScoreContext, with_g: bool, damping: float = 0.01) -> Sco
     wanted = set(ctx.kinds) | ({"head", "mlp"} if "layer" in ctx.kinds else set())
     out: dict[str, list[torch.Tensor]] = {kind: [] for kind in ctx.kinds}
     for layer in range(s.num_layers):
+        ctx.report(layer / s.num_layers, f"{name}: greedy walk, layer {layer + 1}/{s.num_layers}")
         full = {}  # kind -> cumulative cost of removing every unit of the layer
         for kind in [k for k in blocks if k in wanted]:
             module, block = blocks[kind]
@@ -147,6 +148,7 @@ def greedy_scores(ctx: ScoreContext, with_g: bool, damping: float = 0.01) -> Sco
                 out[kind].append(score)
         if "layer" in out:
             out["layer"].append(full["head"] + full["mlp"])
+    ctx.report(1.0, f"{name}: greedy walks done")
     return {kind: torch.stack(v).float().to(ctx.device) for kind, v in out.items()}
 
 

@@ -31,6 +31,7 @@ from torch import nn
 
 from ..model.families import get_module
 from ..model.structure import Kind, StructureMap
+from ..progress import Progress
 from .base import Criterion, ScoreContext, Scores
 from .criteria import require_stats as require
 from .statistics import Needs, Statistics
@@ -84,6 +85,18 @@ def removal_costs(
 
 
 # -- the factors of one model --------------------------------------------------------------------------
+def input_factor(
+    structure: StructureMap, stats: Statistics, layer: int, name: str, damping: float = 0.01
+) -> torch.Tensor:
+    """Damped A of module ``name`` (float64, not kept: the factors are big).
+
+    k/v read q's input and up reads gate's, so their covariance is the one collected there.
+    """
+    f = structure.family
+    source = {f.k: f.q, f.v: f.q, f.up: f.gate}.get(name, name)
+    return damped(stats.cov(structure.path(layer, source)), damping)
+
+
 class Curvature:
     """Damped Kronecker factors and removal costs of every linear module, computed on demand."""
 
@@ -91,14 +104,10 @@ class Curvature:
         self, model: nn.Module, structure: StructureMap, stats: Statistics, damping: float = 0.01
     ):
         self.model, self.structure, self.stats, self.damping = model, structure, stats, damping
-        f = structure.family
-        self._input_of = {f.k: f.q, f.v: f.q, f.up: f.gate}
         self._costs: dict[tuple[int, str, int], torch.Tensor] = {}
 
     def _a(self, layer: int, name: str) -> torch.Tensor:
-        """Damped A of module ``name`` (float64, not kept: the factors are big)."""
-        source = self.structure.path(layer, self._input_of.get(name, name))
-        return damped(self.stats.cov(source), self.damping)
+        return input_factor(self.structure, self.stats, layer, name, self.damping)
 
     def _g(self, layer: int, name: str) -> torch.Tensor:
         return damped(self.stats.grad_cov(self.structure.path(layer, name)), self.damping)
@@ -130,20 +139,27 @@ class Curvature:
             return None
         return self.costs(*self._linear_names[module], dim).reshape(-1, block).sum(1)
 
-    def scores(self, kinds: Sequence[Kind], device: torch.device) -> Scores:
+    def scores(
+        self, kinds: Sequence[Kind], device: torch.device, progress: Progress | None = None
+    ) -> Scores:
         """Group costs: the sum of their members' row and column costs (a layer: all of them)."""
         s = self.structure
         out: Scores = {}
-        for kind in kinds:
-            if kind == "layer":
-                out[kind] = torch.stack([self._layer_cost(i) for i in range(s.num_layers)])
-            elif kind == "hidden":
-                out[kind] = self._sum_members(s.members("hidden"))
-            else:
-                out[kind] = torch.stack(
-                    [self._sum_members(s.members(kind, i)) for i in range(s.num_layers)]
+        for i, kind in enumerate(kinds):
+            if kind == "hidden":
+                out[kind] = self._sum_members(s.members("hidden")).float().to(device)
+                continue
+            rows = []
+            for layer in range(s.num_layers):
+                if progress is not None:
+                    done = (i + layer / s.num_layers) / len(kinds)
+                    progress(done, f"surgeon: factor inverses, {kind} costs of layer {layer + 1}")
+                rows.append(
+                    self._layer_cost(layer)
+                    if kind == "layer"
+                    else self._sum_members(s.members(kind, layer))
                 )
-            out[kind] = out[kind].float().to(device)
+            out[kind] = torch.stack(rows).float().to(device)
         return out
 
     def _sum_members(self, members) -> torch.Tensor:
@@ -160,7 +176,7 @@ class Curvature:
 
 def _surgeon(ctx: ScoreContext) -> Scores:
     stats = require(ctx, "surgeon", SURGEON_NEEDS)
-    return Curvature(ctx.model, ctx.structure, stats).scores(ctx.kinds, ctx.device)
+    return Curvature(ctx.model, ctx.structure, stats).scores(ctx.kinds, ctx.device, ctx.report)
 
 
 SURGEON = Criterion(

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from explorer.planning.plan import Plan
+
 # Before gradio (or the hub client) is imported anywhere in the test process.
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -99,7 +101,10 @@ def app_url(outbound, tmp_path_factory) -> Iterator[str]:
     base = tmp_path_factory.getbasetemp()
     policy = AccessPolicy.make(allow_paths=[base], allow_hub=["*"], export_root=base)
     demo = app.build_app(
-        eval_windows=EVAL_WINDOWS, calibration_windows=CALIBRATION_WINDOWS, policy=policy
+        default_plan=Plan(),
+        eval_windows=EVAL_WINDOWS,
+        calibration_windows=CALIBRATION_WINDOWS,
+        policy=policy,
     )
     port = free_port()
     app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)

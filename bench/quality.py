@@ -1,0 +1,156 @@
+"""Issue 12's quality search: which update-compensated MLP-only plan, from which calibration.
+
+SmolLM2-135M at ``--target`` of the decoder-block parameters, no fine-tuning. Calibration comes
+from lee_background minus its last tenth of documents (as in bench/methods.py), or from text the
+model generates itself (``--source generated``); the held-out tenth chooses between the settings;
+lee.cor (20 x 256, the default protocol) and the off-domain Wikipedia text (20 x 256) are only
+reported. Each setting's plan is resolved from one calibration pass, then previewed with the
+correlated column update (``surgeon`` step, one shot) applied live: the number Export writes.
+
+    .venv/bin/python bench/quality.py --windows 32 64 --damping 0.01 0.1 --allocation global
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from _common import machine_line
+
+from explorer.apply.preview import LivePreview
+from explorer.catalogue import CRITERIA
+from explorer.data import builtin_text, self_generated_text, token_windows
+from explorer.evaluate import perplexity
+from explorer.model.loading import load_model
+from explorer.planning.plan import Plan
+from explorer.recovery.surgeon import UPDATE_NEEDS
+from explorer.session import Explorer
+
+
+def optional(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
+def texts(source: str, ws, fit_text: str) -> str:
+    if source == "lee":
+        return fit_text
+    return self_generated_text(ws.model, ws.tokenizer, n_samples=72, length=256, seed=0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--target", type=float, nargs="+", default=[0.2])
+    parser.add_argument("--sensitivity-windows", type=int, default=4)
+    parser.add_argument("--windows", type=int, nargs="+", default=[32])
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--source", nargs="+", default=["lee"], choices=("lee", "generated"))
+    parser.add_argument("--damping", type=float, nargs="+", default=[0.01])
+    parser.add_argument("--allocation", nargs="+", default=["global"])
+    parser.add_argument("--max-ratio", type=optional, nargs="+", default=[None])
+    parser.add_argument("--criterion", default="surgeon_greedy")
+    parser.add_argument("--protect", type=int, nargs="+", default=[1])
+    parser.add_argument("--head-ratio", type=optional, default=0.0, help="none: heads cut too")
+    parser.add_argument("--ratios", type=float, nargs="+", default=[0.15, 0.3, 0.45, 0.6])
+    parser.add_argument("--log", type=Path, default=Path(__file__).parent / "results/quality.jsonl")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    ws = load_model("smollm2-135m")
+    docs = builtin_text("calibration").split("\n\n")
+    cut = len(docs) - len(docs) // 10
+    fit_text, held_text = "\n\n".join(docs[:cut]), "\n\n".join(docs[cut:])
+    lee = token_windows(ws.tokenizer, builtin_text("evaluation"), 256, 20)
+    off = token_windows(ws.tokenizer, builtin_text("offdomain"), 256, 20)
+    args.log.parent.mkdir(parents=True, exist_ok=True)
+    print(machine_line_for(ws), flush=True)
+    for source in args.source:
+        text = texts(source, ws, fit_text)
+        for n in args.windows:
+            t0 = time.perf_counter()
+            # The session's own evaluation windows are the held-out slice: the sensitivity sweep
+            # and every choice run there, never on lee.cor.
+            ex = Explorer.from_texts(
+                ws,
+                text,
+                held_text,
+                calibration_windows=n,
+                calibration_length=args.length,
+                evaluation_windows=4,
+            )
+            ex.statistics(CRITERIA[args.criterion].needs | UPDATE_NEEDS)
+            ex.scores(args.criterion)
+            score_s = time.perf_counter() - t0
+            for alloc in args.allocation:
+                for cap in args.max_ratio:
+                    for protect in args.protect:
+                        for damping, target in itertools.product(args.damping, args.target):
+                            steps = [{"step": "surgeon", "damping": damping}]
+                            plan = Plan(
+                                criterion=args.criterion,
+                                target=target,
+                                allocation=alloc,
+                                head_ratio=args.head_ratio,
+                                protect_first=protect,
+                                protect_last=protect,
+                                max_ratio=cap,
+                                calibration_windows=n,
+                                calibration_length=args.length,
+                                recovery=steps,
+                                sensitivity_ratios=args.ratios,
+                                sensitivity_windows=args.sensitivity_windows,
+                            )
+                            t1 = time.perf_counter()
+                            sel = ex.select(plan, progress=log)
+                            row = measure(ex, sel, steps, {"lee": lee, "offdomain": off})
+                            row["resolve_s"] = round(time.perf_counter() - t1, 1)
+                            row["plan"] = plan.to_dict()
+                            row.update(
+                                source=source,
+                                windows=n,
+                                length=args.length,
+                                allocation=alloc,
+                                max_ratio=cap,
+                                protect=protect,
+                                damping=damping,
+                                target=target,
+                                criterion=args.criterion,
+                                scoring_s=round(score_s, 1),
+                            )
+                            print(json.dumps(row), flush=True)
+                            with args.log.open("a") as f:
+                                f.write(json.dumps(row) + "\n")
+
+
+def log(fraction: float, message: str) -> None:
+    print(f"  {fraction:4.0%} {message}", file=sys.stderr, flush=True)
+
+
+def measure(ex: Explorer, sel, steps, others: dict) -> dict:
+    """Held-out, lee.cor and off-domain perplexity of ``sel`` with ``steps`` applied live."""
+    out = {"heldout": ex.perplexity(sel, steps=steps), "heldout_dense": ex.dense_perplexity()}
+    for name, windows in others.items():
+        live = LivePreview(ex.model, ex.structure, windows, batch_size=1)
+        out[name] = live.perplexity(sel, ex.compensation(steps))
+        out[f"{name}_dense"] = dense(ex, name, windows)
+    return out
+
+
+_DENSE: dict[str, float] = {}
+
+
+def dense(ex: Explorer, name: str, windows) -> float:
+    if name not in _DENSE:
+        _DENSE[name] = perplexity(ex.model, windows)
+    return _DENSE[name]
+
+
+def machine_line_for(ws) -> str:
+    return machine_line(Explorer(ws, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2)))
+
+
+if __name__ == "__main__":
+    main()
