@@ -16,9 +16,12 @@ from pathlib import Path
 
 import gradio as gr
 
+from explorer.apply.pruning import prune_model
 from explorer.errors import ExplorerError, ExportError
+from explorer.export.gguf_writer import GGUF_TYPES, SOURCE
 from explorer.export.report import pruning_report
 from explorer.export.writer import export_model
+from explorer.zero_shot import task_names, zero_shot
 
 from .preview import measuring, perplexities
 from .recovery import recover
@@ -29,17 +32,24 @@ from .state import SHARED, SessionState, api, handler, human, select, streamed, 
 class ExportPanel:
     folder: gr.Textbox
     overwrite: gr.Checkbox
+    format: gr.Radio
+    gguf_type: gr.Dropdown
     run: gr.Button
     checks: gr.HTML
     report: gr.JSON
     files: gr.File
+    tasks: gr.Textbox
+    limit: gr.Number
+    evaluate: gr.Button
+    accuracy: gr.JSON
 
 
 def build(default_model: str) -> ExportPanel:
     gr.Markdown(
         "Writes a transformers folder (safetensors, config, tokenizer, plan.json, "
-        "selection.json, report.json). Per-layer sizes load with `trust_remote_code=True`; "
-        "uniform ones with plain `AutoModelForCausalLM.from_pretrained`."
+        "selection.json, report.json, a model card README.md). Per-layer sizes load with "
+        "`trust_remote_code=True`; uniform ones with plain `AutoModelForCausalLM.from_pretrained`. "
+        "*GGUF* writes one llama.cpp file instead (per-layer sizes as the `deci` architecture)."
     )
     with gr.Row():
         folder = gr.Textbox(
@@ -50,6 +60,13 @@ def build(default_model: str) -> ExportPanel:
             scale=3,
         )
         overwrite = gr.Checkbox(label="Replace a non-empty folder", value=False, scale=1)
+    with gr.Row():
+        format = gr.Radio(
+            ["transformers", "gguf"], value="transformers", label="Format", elem_id="export-format"
+        )
+        gguf_type = gr.Dropdown(
+            [*GGUF_TYPES, SOURCE], value="f16", label="GGUF tensor type", elem_id="export-gguf-type"
+        )
     run = gr.Button("Export", variant="primary", elem_id="export-run")
     checks = gr.HTML(elem_id="export-checks")
     with gr.Row():
@@ -57,7 +74,45 @@ def build(default_model: str) -> ExportPanel:
         files = gr.File(
             label="Download plan and report", file_count="multiple", elem_id="export-files", scale=1
         )
-    return ExportPanel(folder, overwrite, run, checks, report, files)
+    gr.Markdown(
+        "### Zero-shot accuracy (lm-evaluation-harness)\n"
+        "Dense and pruned model (recovered, when the Recover tab made it for this plan) on "
+        "lm-eval tasks: `lee_cloze` is local (multiple-choice completions from the Lee "
+        "corpus); standard tasks (`hellaswag`, `piqa`, `arc_easy`, ...) download their data."
+    )
+    with gr.Row():
+        tasks = gr.Textbox(label="Tasks", value="lee_cloze", elem_id="zero-shot-tasks", scale=3)
+        limit = gr.Number(label="Questions per task (0: all)", value=0, precision=0, scale=1)
+    evaluate = gr.Button("Evaluate dense and pruned", elem_id="zero-shot-run")
+    accuracy = gr.JSON(label="Accuracy", elem_id="zero-shot-accuracy")
+    return ExportPanel(
+        folder, overwrite, format, gguf_type, run, checks, report, files, tasks, limit, evaluate,
+        accuracy,
+    )  # fmt: skip
+
+
+def run_zero_shot(panel: ExportPanel, state: gr.State, values: dict) -> dict:
+    """lm-eval accuracy of the dense and the pruned model for the session's plan."""
+    session: SessionState = values[state]
+    tasks, limit = values[panel.tasks], values[panel.limit]
+    loaded = SHARED.get(session.model_key)
+    try:
+        selection = select(loaded, session.plan, lambda *_: None)
+        ex = loaded.explorer
+        recovered = session.reusable_recovery()
+        with SHARED.lock:
+            pruned = (
+                recovered.model
+                if recovered is not None
+                else prune_model(ex.model, ex.structure, selection)
+            )
+            run = {"limit": int(limit) if limit else None, "tasks": task_names(tasks)}
+            return {
+                "dense": zero_shot(ex.model, ex.workspace.tokenizer, **run),
+                "pruned": zero_shot(pruned, ex.workspace.tokenizer, **run),
+            }
+    except ExplorerError as exc:
+        raise user_error(exc) from exc
 
 
 def checklist(done: list[str], current: str | None, failed: str | None = None) -> str:
@@ -73,6 +128,7 @@ def run_export(panel: ExportPanel, state: gr.State, values: dict, request: gr.Re
     """Stream the checks as they pass; end with the report and the plan/report downloads."""
     session: SessionState = values[state]
     folder, overwrite = values[panel.folder], values[panel.overwrite]
+    format, gguf_type = values[panel.format], values[panel.gguf_type]
     loaded = SHARED.get(session.model_key)
     if not (folder or "").strip():
         raise gr.Error("Type the folder to export to.")
@@ -112,6 +168,8 @@ def run_export(panel: ExportPanel, state: gr.State, values: dict, request: gr.Re
             verify_ids=ex.evaluation[:2],
             progress=lambda fraction, message: emit(message),
             pruned=model,
+            format=format,
+            gguf_type=gguf_type,
         )
 
     done: list[str] = []
@@ -139,9 +197,14 @@ def run_export(panel: ExportPanel, state: gr.State, values: dict, request: gr.Re
         raise user_error(exc) from exc
     if current:
         done.append(current)
+    diff = result.max_abs_diff
+    checked = (
+        "Verified: read back (llama.cpp not installed, logits not compared)"
+        if diff is None
+        else f"Verified: reloaded logits within {diff:.1e} of the pruned model"
+    )
     done.append(
-        f"Verified: reloaded logits within {result.max_abs_diff:.1e} of the pruned model; "
-        f"{human(result.params_before)} → {human(result.params_after)} parameters"
+        f"{checked}; {human(result.params_before)} → {human(result.params_after)} parameters"
         + (" (load with trust_remote_code=True)" if result.remote_code else "")
     )
     yield {
@@ -160,7 +223,7 @@ def downloads(session: SessionState, folder: Path) -> list[str]:
     """Copies of plan.json and report.json that Gradio may serve wherever the export went."""
     spare = session.scratch("export")
     out = []
-    for name in ("plan.json", "report.json"):
+    for name in ("plan.json", "report.json", "README.md"):
         if (folder / name).is_file():
             shutil.copy(folder / name, spare / name)
             out.append(str(spare / name))
@@ -170,8 +233,14 @@ def downloads(session: SessionState, folder: Path) -> list[str]:
 def wire(panel: ExportPanel, session: gr.State) -> None:
     panel.run.click(
         handler(run_export, panel, session),
-        {session, panel.folder, panel.overwrite},
+        {session, panel.folder, panel.overwrite, panel.format, panel.gguf_type},
         [panel.checks, panel.report, panel.files],
         show_progress_on=[panel.report],
         **api("export"),
+    )
+    panel.evaluate.click(
+        handler(run_zero_shot, panel, session),
+        {session, panel.tasks, panel.limit},
+        [panel.accuracy],
+        **api("zero_shot"),
     )

@@ -3,6 +3,7 @@
 python -m explorer prune --model smollm2-135m --criterion taylor --target 0.2
 python -m explorer prune --plan plan.json --out pruned/
 python -m explorer export --plan plan.json --model smollm2-135m --out pruned/
+python -m explorer evaluate --model pruned/ --tasks lee_cloze
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .apply.pruning import prune_model
 from .apply.sensitivity import Sensitivity
 from .catalogue import CRITERIA, RECOVERY_STEPS
 from .data import builtin_text, text_source
 from .errors import ExplorerError, PlanError
 from .evaluate import perplexity
+from .export.gguf_writer import GGUF_TYPES, SOURCE
 from .export.report import pruning_report
 from .export.safety import check_target
 from .model.loading import EMBEDDED, cache_root, load_model
@@ -76,11 +79,35 @@ def _parser() -> argparse.ArgumentParser:
     sens.add_argument("--csv", type=Path, default=None, help="also write the points as CSV")
     fetch = sub.add_parser("fetch", help="fetch and cache the embedded model and corpus")
     fetch.add_argument("--model", default="smollm2-135m", choices=tuple(EMBEDDED))
+    evaluate = sub.add_parser("evaluate", help="zero-shot accuracy with lm-evaluation-harness")
+    evaluate.add_argument("--model", required=True, help="an export folder (or a model source)")
+    evaluate.add_argument(
+        "--plan", type=Path, default=None, help="prune --model in memory by this plan first"
+    )
+    evaluate.add_argument("--tasks", default="lee_cloze", help="comma-separated lm-eval tasks")
+    evaluate.add_argument("--limit", type=int, default=None, help="at most N questions per task")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument(
+        "--device", default=None, help="cpu or cuda (default: cuda when available)"
+    )
+    evaluate.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     export = sub.add_parser("export", help="replay a plan and export the pruned model")
     _common(export)
     for p in (prune, export):
         p.add_argument("--out", type=Path, default=None, help="export the pruned model here")
         p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        p.add_argument(
+            "--format",
+            choices=("transformers", "gguf"),
+            default="transformers",
+            help="what --out holds: a transformers folder or a GGUF file for llama.cpp",
+        )
+        p.add_argument(
+            "--gguf-type",
+            choices=(*GGUF_TYPES, SOURCE),
+            default="f16",
+            help="GGUF tensor type ('source': the source GGUF's own quantisation)",
+        )
     return parser
 
 
@@ -293,9 +320,46 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
             overwrite=args.overwrite,
             verify_ids=ex.evaluation[:2],
             pruned=pruned_model,
+            format=args.format,
+            gguf_type=args.gguf_type,
         )
-        print(f"exported to {result.path} (max |logit diff| on reload {result.max_abs_diff:.2e})")
+        diff = result.max_abs_diff
+        check = "not run in llama.cpp" if diff is None else f"max |logit diff| on reload {diff:.2e}"
+        print(f"exported to {result.path} ({check})")
     return report
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    """Zero-shot accuracy of an export folder, a model source, or a plan applied to a source."""
+    from .export.writer import load_pruned
+    from .zero_shot import GGUF_HINT, zero_shot
+
+    folder = Path(args.model).expanduser()
+    if args.plan is not None:
+        plan = Plan.load(args.plan)
+        plan.model = args.model
+        ex = _with_bar("load model", Explorer.open, plan, dtype=args.dtype, device=args.device)
+        sel = _with_bar(f"score ({plan.criterion})", ex.select, plan)
+        model, tokenizer = prune_model(ex.model, ex.structure, sel), ex.workspace.tokenizer
+    elif folder.is_dir() and any(folder.glob("*.gguf")) and not (folder / "config.json").exists():
+        raise ExplorerError(f"'{folder}' holds a GGUF file. {GGUF_HINT}")
+    elif (folder / "config.json").is_file():
+        model, tokenizer = load_pruned(folder, dtype=args.dtype, device=args.device)
+    else:
+        ws = _with_bar("load model", load_model, args.model, dtype=args.dtype, device=args.device)
+        model, tokenizer = ws.model, ws.tokenizer
+    results = zero_shot(
+        model,
+        tokenizer,
+        args.tasks,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    for task, metrics in results.items():
+        shown = ", ".join(f"{name} {value:.4f}" for name, value in sorted(metrics.items()))
+        print(f"{task}: {shown}")
+    return results
 
 
 def run_sensitivity(plan: Plan, args: argparse.Namespace) -> Sensitivity:
@@ -361,6 +425,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "fetch":
             fetch(args.model)
+            return 0
+        if args.command == "evaluate":
+            evaluate(args)
             return 0
         plan = build_plan(args)
         if args.command == "export" and not args.out:

@@ -7,8 +7,31 @@ import os
 # Before transformers/huggingface_hub are imported anywhere: tests never reach the hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["HF_EVALUATE_OFFLINE"] = "1"  # lm-eval's metrics
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+import ipaddress  # noqa: E402
+import socket  # noqa: E402
 
 import pytest  # noqa: E402
+
+_connect = socket.socket.connect
+
+
+def _local_only(self, address):
+    """Tests reach this machine only (the app's own port, the browser): never the network."""
+    if self.family in (socket.AF_INET, socket.AF_INET6):
+        host = address[0]
+        try:
+            local = host == "localhost" or ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            local = False
+        if not local:
+            raise ConnectionRefusedError(f"tests must not reach the network (connect to {host})")
+    return _connect(self, address)
+
+
+socket.socket.connect = _local_only
 
 SENTENCES = [
     "the cat sat on the mat",
@@ -79,6 +102,26 @@ def sentences() -> list[str]:
 def tiny_tokenizer():
     """Adds no BOS itself, like SmolLM2's."""
     return _tokenizer(add_bos=False)
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (the kind GGUF vocabularies are written from) of 300 tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(SENTENCES, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 @pytest.fixture

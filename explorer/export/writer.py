@@ -16,10 +16,14 @@ transformers cannot rebuild because layer widths differ. An export here is a tra
   transformers. Otherwise (Qwen2, Mistral, any ``down_proj`` bias outside Llama) the config lists
   them in ``extra_biases`` and the folder loads through the modeling file, like per-layer sizes.
 
+Or, with ``format="gguf"``, one llama.cpp file instead of the transformers files
+(``gguf_writer``: the family's architecture, or ``deci`` for per-layer sizes).
+
 Beside the weights: ``plan.json`` (the caller's recipe, as given), ``selection.json`` (exactly
-which units went, so the export replays without re-scoring) and ``report.json`` (parameter
+which units went, so the export replays without re-scoring), ``report.json`` (parameter
 counts per layer, totals, perplexities the caller measured, criterion, time, library versions and
-the verification result). Every export is reloaded the way a user would load it and its logits are
+the verification result) and ``README.md`` (``model_card``: the Hugging Face model card). Every
+export is reloaded the way a user would load it and its logits are
 compared with the in-memory pruned model before the folder appears at its path: everything is
 written to a hidden temporary folder beside the target and renamed into place only once verified.
 """
@@ -51,6 +55,8 @@ from ..model.loading import resolve_device, resolve_dtype
 from ..model.structure import StructureMap
 from ..planning.selection import Selection
 from ..progress import Progress
+from . import gguf_writer
+from .model_card import model_card, source_license
 from .pruned_modeling import PRUNED_CLASSES
 from .safety import (
     check_target,
@@ -68,6 +74,8 @@ TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-6}
 HALF_TOLERANCE = 5e-2
 # report.json keys measured here; the caller's report cannot override them.
 MEASURED = ("params", "layers", "verification", "versions", "uniform", "remote_code", "seconds")
+MEASURED = (*MEASURED, "format", "gguf")
+FORMATS = ("transformers", "gguf")
 
 
 @dataclass(frozen=True)
@@ -79,7 +87,7 @@ class ExportResult:
     remote_code: bool  # loads with trust_remote_code=True (or load_pruned), not with plain tools
     params_before: int
     params_after: int
-    max_abs_diff: float  # largest logit difference between the reload and the in-memory model
+    max_abs_diff: float | None  # largest logit difference of the reload (None: GGUF not run)
     files: list[str]
     report: dict = field(repr=False)
 
@@ -97,8 +105,14 @@ def export_model(
     verify_ids: torch.LongTensor | None = None,
     progress: Progress | None = None,
     pruned: nn.Module | None = None,
+    format: str = "transformers",
+    gguf_type: str = "f16",
 ) -> ExportResult:
     """Prune a copy of ``model`` by ``selection``, write it to ``out_dir``, reload it and verify it.
+
+    ``format``: ``"transformers"`` (a safetensors folder) or ``"gguf"`` (one llama.cpp file of
+    tensor type ``gguf_type`` in the folder, see ``explorer.export.gguf_writer``). Either way the folder
+    also holds plan.json, selection.json, report.json and a model card (README.md).
 
     ``pruned``: the already sliced (and perhaps recovered, e.g. LoRA-merged or bias-compensated)
     model for ``selection``; a copy of it is exported instead of slicing ``model`` again. Neither
@@ -112,15 +126,19 @@ def export_model(
     step = progress or (lambda fraction, message: None)
     plan = plan.to_dict() if hasattr(plan, "to_dict") else plan
     target = Path(out_dir).expanduser().resolve()
+    if format not in FORMATS:
+        raise ExportError(f"Unknown export format '{format}'. Use one of: {', '.join(FORMATS)}.")
+    gguf = format == "gguf"
     check_target(target, str(getattr(model, "name_or_path", "") or ""), overwrite)
 
     step(0.0, "Pruning a copy of the model")
     out = copy.deepcopy(pruned) if pruned is not None else prune_model(model, structure, selection)
     _drop_preview_masks(out)
     _drop_dequantised_quantizer(out)
-    extra_biases = _carry_extra_biases(out, structure.family)
+    # A GGUF file carries whichever biases the weights have (the architecture choice checks them).
+    extra_biases = [] if gguf else _carry_extra_biases(out, structure.family)
     uniform = not getattr(out.config, "layer_sizes", None)
-    remote = not uniform or bool(extra_biases)
+    remote = not gguf and (not uniform or bool(extra_biases))
     if remote:
         cls = PRUNED_CLASSES[out.config.model_type]
         out.config.auto_map = {"AutoModelForCausalLM": f"{Path(MODELING_FILE).stem}.{cls.__name__}"}
@@ -138,15 +156,35 @@ def export_model(
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=partial_prefix(target)))
     try:
         with write_errors(target):
-            _write(out, tokenizer, tmp, remote, plan, selection)
-        del out  # only the reloaded copy stays in memory beside the source
+            _write_sidecars(tmp, plan, selection)
+        if gguf:
+            with write_errors(target):
+                written = gguf_writer.write_gguf(
+                    out, tokenizer, structure.family, tmp / f"model-{gguf_type}.gguf",
+                    outtype=gguf_type,
+                )  # fmt: skip
+            del out
+            step(0.6, "Reading the GGUF file back and running it in llama.cpp")
+            verification = gguf_writer.verify_gguf(tmp / written["file"], written, reference, ids)
+            diff = verification["max_abs_diff"]
+        else:
+            with write_errors(target):
+                _write(out, tokenizer, tmp, remote)
+            del out  # only the reloaded copy stays in memory beside the source
 
-        step(0.55, "Reloading the folder as a user would")
-        reloaded = _reload(tmp, remote, dtype, device)
+            step(0.55, "Reloading the folder as a user would")
+            reloaded = _reload(tmp, remote, dtype, device)
 
-        step(0.8, "Comparing logits with the in-memory pruned model")
-        diff = _verify(reloaded, reference, ids, params_after, structure.tied)
-        del reloaded
+            step(0.8, "Comparing logits with the in-memory pruned model")
+            diff = _verify(reloaded, reference, ids, params_after, structure.tied)
+            del reloaded
+            written = None
+            verification = {
+                "max_abs_diff": diff,
+                "tolerance": _tolerance(dtype),
+                "dtype": str(dtype).removeprefix("torch."),
+            }
+        verification.update(windows=int(ids.shape[0]), tokens_per_window=int(ids.shape[1]))
         full_report = _report(
             model,
             structure,
@@ -157,18 +195,14 @@ def export_model(
             extra_biases=extra_biases,
             layers=layers,
             params=(params_before, params_after),
-            verification={
-                "max_abs_diff": diff,
-                "tolerance": _tolerance(dtype),
-                "windows": int(ids.shape[0]),
-                "tokens_per_window": int(ids.shape[1]),
-                "dtype": str(dtype).removeprefix("torch."),
-            },
+            verification=verification,
             seconds=time.perf_counter() - started,
+            gguf=written,
         )
         step(0.95, "Moving the verified folder into place")
         with write_errors(target):
             _write_json(tmp / "report.json", full_report)
+            (tmp / "README.md").write_text(model_card(full_report, plan))
             _move_into_place(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -339,15 +373,16 @@ def _check_config(config) -> None:
 
 
 # -- writing, reloading, verifying ------------------------------------------------------------------
-def _write(
-    model: nn.Module, tokenizer, folder: Path, remote: bool, plan: dict | None, selection: Selection
-) -> None:
+def _write(model: nn.Module, tokenizer, folder: Path, remote: bool) -> None:
     model.save_pretrained(folder)  # safetensors; a tied output head is stored once
     tokenizer.save_pretrained(folder)
-    # The exact units removed, compact: replays without re-scoring (Selection.from_dict).
-    (folder / "selection.json").write_text(json.dumps(selection.to_dict()) + "\n")
     if remote:
         shutil.copyfile(Path(__file__).with_name("pruned_modeling.py"), folder / MODELING_FILE)
+
+
+def _write_sidecars(folder: Path, plan: dict | None, selection: Selection) -> None:
+    # The exact units removed, compact: replays without re-scoring (Selection.from_dict).
+    (folder / "selection.json").write_text(json.dumps(selection.to_dict()) + "\n")
     if plan is not None:
         _write_json(folder / "plan.json", plan)
 
@@ -421,12 +456,19 @@ def _report(
     params: tuple[int, int],
     verification: dict,
     seconds: float,
+    gguf: dict | None = None,
 ) -> dict:
     """report.json: the caller's entries (perplexities, timings) merged with what was measured."""
-    loader = "AutoModelForCausalLM.from_pretrained(path" + (
-        ", trust_remote_code=True)" if remote else ")"
-    )
+    if gguf is not None:
+        loader = f"llama.cpp: llama-cli -m {gguf['file']} (or llama_cpp.Llama(model_path=...))"
+    else:
+        loader = "AutoModelForCausalLM.from_pretrained(path" + (
+            ", trust_remote_code=True)" if remote else ")"
+        )
     measured = {
+        "format": "gguf" if gguf is not None else "transformers",
+        "gguf": gguf,
+        "license": source_license(model),
         "source": str(getattr(model, "name_or_path", "") or ""),
         "model_type": model.config.model_type,
         "family": structure.family.name,

@@ -164,8 +164,21 @@ def test_generation_and_export(client, tmp_path):
     checks, report, files = client.predict(str(tmp_path / "out"), False, api_name="/export")
     assert "Verified" in checks
     assert report["perplexity_after"] > report["perplexity_before"] > 1
-    assert sorted(name.rsplit("/", 1)[-1] for name in files) == ["plan.json", "report.json"]
+    assert sorted(name.rsplit("/", 1)[-1] for name in files) == [
+        "README.md",
+        "plan.json",
+        "report.json",
+    ]
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    # The same plan as GGUF for llama.cpp, and its zero-shot accuracy next to the dense model's.
+    checks, report, files = client.predict(
+        str(tmp_path / "gguf"), False, "gguf", "q8_0", api_name="/export"
+    )
+    assert "Verified" in checks and report["gguf"]["outtype"] == "q8_0"
+    assert (tmp_path / "gguf" / "model-q8_0.gguf").stat().st_size == report["gguf"]["bytes"]
+    accuracy = client.predict("lee_cloze", 8, api_name="/zero_shot")
+    assert set(accuracy) == {"dense", "pruned"}
+    assert all(0 <= accuracy[m]["lee_cloze"]["acc"] <= 1 for m in accuracy)
 
 
 @pytest.mark.real

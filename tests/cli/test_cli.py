@@ -8,6 +8,7 @@ import pytest
 from explorer.catalogue import CRITERIA
 from explorer.cli import main
 from explorer.planning.plan import Plan
+from tests.tiny import tiny_model
 
 
 def test_cli_prunes_a_local_model_with_every_criterion(tiny_llama_dir, texts, capsys):
@@ -116,3 +117,21 @@ def test_cli_runs_the_greedy_obs_plan_with_its_update(tiny_llama_dir, texts, tmp
     assert math.isfinite(recovered)  # the update's benefit is tested in test_surgeon.py
     plan = Plan.load(tmp_path / "plan.json")
     assert (plan.max_ratio, plan.head_ratio, plan.allocation) == (0.5, 0.0, "global")
+
+
+def test_cli_exports_gguf(bpe_tokenizer, tiny_llama_dir, texts, tmp_path, capsys):
+    """--format gguf writes the llama.cpp file; a vocabulary it cannot write is one clear line."""
+    calib, evaluation = texts
+    argv = ["prune", "--criterion", "l2", "--target", "0.3", "--calibration", str(calib)]
+    argv += ["--evaluation", str(evaluation), "--eval-length", "16", "--calibration-length", "16"]
+    argv += ["--format", "gguf", "--gguf-type", "q8_0"]
+    assert main([*argv, "--model", str(tiny_llama_dir), "--out", str(tmp_path / "a")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars
+    assert last.startswith("error: GGUF export writes byte-level BPE")
+    source = tmp_path / "bpe-llama"
+    tiny_model("llama", vocab_size=320).save_pretrained(source)
+    bpe_tokenizer.save_pretrained(source)
+    assert main([*argv, "--model", str(source), "--out", str(tmp_path / "b")]) == 0
+    assert "exported to" in capsys.readouterr().out
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["gguf"]["outtype"] == "q8_0" and (tmp_path / "b" / "model-q8_0.gguf").is_file()

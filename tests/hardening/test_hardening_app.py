@@ -308,7 +308,7 @@ def fetch(url: str) -> int:
 def test_downloads_serve_only_what_the_app_handed_out(client, tiny_app):
     checks, report, files = client.predict("served", False, api_name="/export")
     assert "Verified" in checks and (tiny_app.exports / "served" / "model.safetensors").is_file()
-    assert sorted(Path(f).name for f in files) == ["plan.json", "report.json"]
+    assert sorted(Path(f).name for f in files) == ["README.md", "plan.json", "report.json"]
     for path in (
         tiny_app.exports / "served" / "model.safetensors",
         Path(tiny_app.model) / "model.safetensors",

@@ -18,7 +18,7 @@ PACKAGE = ROOT / "explorer"
 STAGES = [
     ["errors", "progress", "registry"],
     ["model"],
-    ["data", "evaluate", "text_safety"],
+    ["data", "evaluate", "text_safety", "zero_shot"],
     ["scoring"],
     ["planning"],
     ["apply"],
