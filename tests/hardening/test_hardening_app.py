@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from components import state
+from explorer.planning.plan import Plan
 from explorer.policy import AccessPolicy
 from tests.app.fixtures import free_port
 from tests.hardening.safety_helpers import tree_digest
@@ -51,7 +52,11 @@ def tiny_app(tiny_llama_dir, tmp_path_factory, outbound):
         max_new_tokens=64,
     )
     demo = app.build_app(
-        default_model=str(tiny_llama_dir), calibration_windows=2, eval_windows=2, policy=policy
+        default_model=str(tiny_llama_dir),
+        default_plan=Plan(),  # the best preset protects both of the tiny model's layers
+        calibration_windows=2,
+        eval_windows=2,
+        policy=policy,
     )
     port = free_port()
     app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
@@ -373,8 +378,8 @@ def slow_preview(monkeypatch):
 
     run = preview.LivePreview.run
 
-    def slow(self, selection):
-        for step in run(self, selection):
+    def slow(self, selection, *args, **kwargs):
+        for step in run(self, selection, *args, **kwargs):
             time.sleep(1.5)
             yield step
 
