@@ -56,8 +56,9 @@ def build_app(
     policy: AccessPolicy | None = None,
 ) -> gr.Blocks:
     """The app, opening on ``default_plan`` (None: the best measured recipe, ``presets.DEFAULT``)
-    with the calibration amount that plan names. ``calibration_windows`` and ``eval_windows``
-    override the plan's calibration windows and limit the evaluation windows (tests use a few).
+    with the calibration amount that plan names (the Model tab's inputs start there).
+    ``calibration_windows`` and ``eval_windows`` override the plan's calibration windows and
+    limit the evaluation windows (tests use a few).
 
     ``policy``: what clients may do (default: the safe defaults of ``AccessPolicy.make``); the
     start-up model and Gradio's upload folder are added to it here.
@@ -136,6 +137,14 @@ def build_app(
         heads.wire(heads_panel, session)
         importance.wire(importance_panel, session)
         plan_events = plan.wire(plan_panel, session)
+        for replaced in plan_panel.replacing:  # a plan file or preset may recalibrate
+            replaced.success(
+                handler(model.reflect, model_panel, session),
+                {session},
+                [model_panel.calib_windows, model_panel.calib_length, model_panel.summary],
+                api_visibility="private",
+                show_progress="hidden",
+            )
         preview.wire(preview_panel, session, plan_events)
         sensitivity.wire(sensitivity_panel, session, plan_events)
         recovery.wire(recovery_panel, session, plan_events, plan_panel.save)
@@ -205,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 LIMITS = {
     "max_upload_mb": (float, "largest upload"),
     "max_text_chars": (int, "most characters of calibration or evaluation text read per load"),
+    "max_calibration_tokens": (int, "most calibration tokens (windows x length) per load"),
     "max_steps": (int, "most training/update steps of a recovery step (LoRA steps, shots)"),
     "max_new_tokens": (int, "longest generation"),
     "max_job_seconds": (float, "wall time after which a job holding the shared model stops"),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import gradio as gr
 
@@ -38,6 +38,8 @@ class ModelPanel:
     eval_kind: gr.Radio
     eval_file: gr.File
     eval_dataset: gr.Textbox
+    calib_windows: gr.Number
+    calib_length: gr.Number
     load: gr.Button
     status: gr.HTML
     summary: gr.HTML
@@ -55,6 +57,8 @@ class ModelPanel:
             self.eval_kind,
             self.eval_file,
             self.eval_dataset,
+            self.calib_windows,
+            self.calib_length,
         ]
 
 
@@ -98,6 +102,24 @@ def build(settings: Settings) -> ModelPanel:
         **hidden,
     )
     eval_kind, eval_file, eval_dataset = text_fields("Evaluation", EVALUATION_KINDS)
+    # Last in /load_model's parameters, so clients that send the older nine keep working.
+    calib_windows = gr.Number(
+        settings.calibration_windows,
+        precision=0,
+        minimum=1,
+        label="Calibration windows",
+        info="Part of the plan; curvature-based criteria and updates need enough of them.",
+        elem_id="model-calib-windows",
+        **hidden,
+    )
+    calib_length = gr.Number(
+        settings.calibration_length,
+        precision=0,
+        minimum=2,
+        label="Calibration window length (tokens)",
+        elem_id="model-calib-length",
+        **hidden,
+    )
     with gr.Row():
         with gr.Column(scale=2):
             source.render()
@@ -111,6 +133,9 @@ def build(settings: Settings) -> ModelPanel:
                 with gr.Row():
                     for field in row:
                         field.render()
+            with gr.Row():
+                calib_windows.render()
+                calib_length.render()
             calib_samples.render()
     load = gr.Button("Load", variant="primary", elem_id="model-load")
     state_box = gr.HTML(elem_id="model-status")
@@ -125,6 +150,8 @@ def build(settings: Settings) -> ModelPanel:
         eval_kind,
         eval_file,
         eval_dataset,
+        calib_windows,
+        calib_length,
         load,
         state_box,
         summary,
@@ -149,6 +176,17 @@ def source_dict(kind: str, file: str | None, dataset: str, samples: int) -> dict
     return {"kind": "generated", "n_samples": int(samples), "length": 128}
 
 
+def calibration_amount(windows, length) -> dict:
+    """The Model tab's calibration windows x length as ``Settings`` fields, or a clear refusal."""
+    amount = {"calibration_windows": windows, "calibration_length": length}
+    for (name, value), least in zip(amount.items(), (1, 2), strict=True):
+        if not isinstance(value, int | float) or value != int(value) or value < least:
+            what = name.replace("_", " ").replace("length", "window length")
+            raise DataError(f"The {what} must be a whole number of at least {least}; got {value}.")
+        amount[name] = int(value)
+    return amount
+
+
 def load(
     panel: ModelPanel, settings: Settings, state: gr.State, values: dict, progress=TRACK
 ) -> dict:
@@ -167,6 +205,8 @@ def load(
         evaluation = source_dict(
             values[panel.eval_kind], values[panel.eval_file], values[panel.eval_dataset], 0
         )
+        amount = calibration_amount(values[panel.calib_windows], values[panel.calib_length])
+        settings = replace(settings, **amount)
         loaded = SHARED.open(
             source,
             values[panel.dtype],
@@ -190,9 +230,20 @@ def load(
         if plan.allocation == "per_layer" and plan.head_ratios is None and plan.mlp_ratios is None:
             plan.allocation = "uniform"
         plan.remove_layers = [i for i in plan.remove_layers if i < layers]
-        session.model_key, session.pruned_ppl, session.preview_plan = loaded.key, None, None
-        session.recovered, session.node = None, None
+        session.switch_model(loaded.key)
+        session.node = None
     return loaded_view(panel, state, session, loaded)
+
+
+def reflect(panel: ModelPanel, state: gr.State, values: dict) -> dict:
+    """After a plan file or preset: the Model tab shows the calibration it (re)loaded."""
+    session: SessionState = values[state]
+    loaded = SHARED.get(session.model_key)
+    return {
+        panel.calib_windows: loaded.settings.calibration_windows,
+        panel.calib_length: loaded.settings.calibration_length,
+        panel.summary: summary_card(loaded),
+    }
 
 
 def loaded_view(panel: ModelPanel, state: gr.State, session: SessionState, loaded: Loaded) -> dict:

@@ -9,7 +9,7 @@ a criterion is chosen whose statistics have not been collected yet.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import gradio as gr
 
@@ -56,6 +56,9 @@ class PlanPanel:
     save: gr.DownloadButton
     load: gr.UploadButton
     preset: gr.Dropdown
+    # The events that replace the whole plan (preset, plan file), set by ``wire``: the app then
+    # shows on the Model tab the calibration they may have reloaded.
+    replacing: list = field(default_factory=list)
 
     @property
     def controls(self) -> list:
@@ -426,21 +429,22 @@ def choose_preset(panel: PlanPanel, state: gr.State, values: dict, progress=TRAC
 
 
 def use_plan(panel: PlanPanel, state: gr.State, session, plan: Plan, progress) -> dict:
-    """Make ``plan`` the session's, on the loaded model and text (warning where they differ)."""
+    """Make ``plan`` the session's, on the loaded model and text (warning where they differ).
+
+    A plan that calibrates on another amount than the loaded one is recalibrated on its own
+    (the shared entry for that amount, loaded if needed): the plan is what every number is for.
+    """
     loaded = SHARED.get(session.model_key)
     try:
         plan.check(loaded.structure.num_layers, CRITERIA)
+        amount = (plan.calibration_windows, plan.calibration_length)
+        if amount != (loaded.settings.calibration_windows, loaded.settings.calibration_length):
+            loaded = SHARED.reopen(loaded, *amount, gradio_progress(progress), session.policy)
     except ExplorerError as exc:
         raise user_error(exc) from exc
-    ex = loaded.explorer
-    amount = (plan.calibration_windows, plan.calibration_length)
-    if amount != tuple(ex.calibration.shape):
-        gr.Warning(
-            f"The plan calibrates on {amount[0]} x {amount[1]} tokens; the loaded session uses "
-            f"{ex.calibration.shape[0]} x {ex.calibration.shape[1]}, so its number can differ "
-            "from the plan's own."
-        )
-    plan.calibration_windows, plan.calibration_length = ex.calibration.shape
+    if loaded.key != session.model_key:
+        session.switch_model(loaded.key)
+        gr.Info(f"Recalibrated on the plan's {amount[0]} x {amount[1]} tokens.")
     source = loaded.summary["source"]
     if plan.model != source:
         gr.Warning(f"The plan was made for {plan.model}; it is applied to {source}.")
@@ -487,25 +491,23 @@ def wire(panel: PlanPanel, session: gr.State) -> list:
             show_progress_on=[panel.counters],
         )
     )
-    events.append(
+    panel.replacing[:] = [
         panel.preset.input(
             handler(choose_preset, panel, session),
             {session, panel.preset},
             outputs,
             show_progress_on=[panel.counters],
             **api("choose_preset"),
-        )
-    )
-    events.append(
+        ),
         panel.load.upload(
             handler(load_plan, panel, session),
             {session, panel.load},
             outputs,
-            show_progress="hidden",  # quick; a refused file shows only its toast
+            show_progress_on=[panel.counters],  # a plan may recalibrate (see ``use_plan``)
             **api("load_plan"),
-        )
-    )
-    return events
+        ),
+    ]
+    return events + panel.replacing
 
 
 def refresh_event(panel: PlanPanel, session: gr.State, after, name: str | None = None):

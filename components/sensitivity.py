@@ -100,7 +100,14 @@ def run_sweep(session: SessionState, kind: str, request: gr.Request):
             yield status(value), gr.skip(), gr.skip()
     except ExplorerError as exc:
         raise user_error(exc) from exc
-    yield status("Stopped; nothing kept.", "info"), gr.skip(), gr.skip()
+    yield stopped(session)[0], gr.skip(), gr.skip()
+
+
+def stopped(session: SessionState) -> tuple:
+    """After Stop: say so at once (the stopped run shows nothing more), unless the sweep is done."""
+    loaded = SHARED.get(session.model_key)
+    done = loaded.explorer.known_sensitivity(session.plan) is not None
+    return (gr.skip() if done else status("Stopped; nothing kept.", "info"),)
 
 
 def wire(panel: SensitivityPanel, session: gr.State, plan_events: list) -> None:
@@ -108,7 +115,9 @@ def wire(panel: SensitivityPanel, session: gr.State, plan_events: list) -> None:
     run = panel.run.click(
         run_sweep, [session, panel.kind], outputs, show_progress_on=[panel.status], **api("sweep")
     )
-    panel.stop.click(stop_runs, None, None, cancels=[run], queue=False, **api(None))
+    panel.stop.click(stop_runs, None, None, cancels=[run], queue=False, **api(None)).then(
+        stopped, [session], [panel.status], **api(None)
+    )
     redraw = {"show_progress": "hidden", **api(None)}
     panel.kind.input(figures, [session, panel.kind], [panel.heatmap, panel.curves], **redraw)
     for event in plan_events:

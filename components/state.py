@@ -46,7 +46,8 @@ ATTENTION = Needs(attention=True)
 
 @dataclass(frozen=True)
 class Settings:
-    """App-wide choices made at start-up (tests use fewer windows to stay fast)."""
+    """What a load is made with: the app's start-up choices, with the calibration amount replaced
+    by the Model tab's inputs on each load (tests use fewer windows to stay fast)."""
 
     default_model: str = "smollm2-135m"
     calibration_windows: int = 10
@@ -62,7 +63,12 @@ class Loaded:
     key: str
     explorer: Explorer
     summary: dict
+    opened: tuple  # the arguments of ``Shared.open`` it was made with (see ``Shared.reopen``)
     dense_ppl: float | None = None  # set by the first preview that ran to the end
+
+    @property
+    def settings(self) -> Settings:
+        return self.opened[-1]
 
     @property
     def structure(self):
@@ -102,11 +108,14 @@ class Shared:
     ) -> Loaded:
         """The shared entry for this model and data, loading it (under the lock) if needed.
 
-        ``policy`` is checked first: a source it does not allow is never opened.
+        ``policy`` is checked first: a source or a calibration amount it does not allow is
+        never opened. The key holds the calibration amount, so sessions that calibrate
+        differently never share statistics.
         """
         policy.check_model(source)
         policy.check_text_source(calibration)
         policy.check_text_source(evaluation)
+        policy.check_calibration(settings.calibration_windows, settings.calibration_length)
         key = json.dumps(
             [source, dtype, calibration, evaluation, settings.__dict__], sort_keys=True
         )
@@ -130,12 +139,22 @@ class Shared:
                 trust_remote_code=policy.trust_remote_code,
                 max_text_chars=policy.max_text_chars,
             )
-            entry = Loaded(key, explorer, explorer.workspace.summary())
+            opened = (source, dtype, calibration, evaluation, settings)
+            entry = Loaded(key, explorer, explorer.workspace.summary(), opened)
             self._entries[key] = entry
             while len(self._entries) > self.capacity:
                 self._entries.popitem(last=False)
             progress(1.0, "Model ready")
             return entry
+
+    def reopen(
+        self, loaded: Loaded, windows: int, length: int, progress: Progress, policy: AccessPolicy
+    ) -> Loaded:
+        """``loaded``'s model and texts calibrated on ``windows`` x ``length`` tokens (a plan
+        file or preset that names another amount than the loaded one)."""
+        *args, settings = loaded.opened
+        amount = {"calibration_windows": windows, "calibration_length": length}
+        return self.open(*args, replace(settings, **amount), progress, policy)
 
 
 SHARED = Shared()
@@ -166,6 +185,10 @@ class SessionState:
 
     def plan_json(self) -> str:
         return self.plan.to_json()
+
+    def switch_model(self, key: str) -> None:
+        """Use another loaded entry: what was computed on the previous one no longer holds."""
+        self.model_key, self.pruned_ppl, self.preview_plan, self.recovered = key, None, None, None
 
     def pruning_json(self) -> str:
         """The plan without its recovery: all that the masked (preview) perplexity depends on."""

@@ -11,7 +11,8 @@ is the operator's (``app.py`` flags) and the same for every client, wherever it 
   ``max_text_chars`` characters of it.
 - exports: only under ``export_root`` (relative targets are taken relative to it), never through a
   symlink or ``..`` out of it.
-- work: recovery steps of at most ``max_steps`` steps; a job holding the shared model stops at its
+- work: calibration of at most ``max_calibration_tokens`` tokens (windows x length, chosen on
+  the Model tab), recovery steps of at most ``max_steps`` steps; a job holding the shared model stops at its
   next step after ``max_job_seconds``. A model's own code runs only with ``trust_remote_code``.
 
 Defaults are the safe ones: no folders, no hub ids, uploads of at most 10 MB.
@@ -47,6 +48,7 @@ class AccessPolicy:
     start_model: str | None = None  # the model the operator opened the app on
     max_upload_mb: float = 10.0
     max_text_chars: int = 5_000_000
+    max_calibration_tokens: int = 32_768  # 4x the opening recipe's 32 x 256
     max_steps: int = 1000
     max_new_tokens: int = 256
     max_prompt_chars: int = 4000
@@ -97,6 +99,16 @@ class AccessPolicy:
         )
 
     # -- work -----------------------------------------------------------------------------------------
+    def check_calibration(self, windows: int, length: int) -> None:
+        """Refuse a calibration amount whose pass (with gradients, for some criteria) would hold
+        the shared model for longer than the operator allows one client."""
+        if windows * length > self.max_calibration_tokens:
+            raise DataError(
+                f"{windows} calibration windows x {length} tokens = {windows * length:,} tokens; "
+                f"this server calibrates on at most {self.max_calibration_tokens:,}. Use fewer "
+                "or shorter windows."
+            )
+
     def check_recovery(self, steps: list[dict]) -> None:
         """Refuse recovery steps that would train or update for more than ``max_steps`` steps."""
         for entry in steps:

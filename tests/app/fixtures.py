@@ -1,4 +1,5 @@
-"""Fixtures of the app tests: one app server per test run, a socket guard, Debian's chromium.
+"""Fixtures of the app tests: one app server per test run, a socket guard, Debian's chromium,
+and the helpers the browser tests share (tabs, cells, toasts, screenshots, the preview).
 
 The server runs the real app on the embedded SmolLM2 with a small evaluation set (4 windows of
 256 tokens) and 4 calibration windows, so a run stays short on two cores; ``python app.py`` uses
@@ -43,6 +44,7 @@ CHROMIUM_ARGS = [
 ]
 EVAL_WINDOWS = 4
 CALIBRATION_WINDOWS = 4
+SLOW = 600_000  # ms: a cold calibration pass or an export on two busy cores
 
 
 def _is_loopback(address) -> bool:
@@ -115,7 +117,7 @@ def app_url(outbound, tmp_path_factory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def browser_context(app_url, tmp_path_factory):
+def browser_context(tmp_path_factory):
     """Debian's chromium driven by Playwright (never ``playwright install``)."""
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is not installed (apt-get install chromium)")
@@ -143,19 +145,34 @@ def page_requests() -> list[str]:
 
 
 @pytest.fixture
-def page(browser_context, app_url, page_requests):
-    """A fresh page (a new Gradio session) with the default model loaded."""
-    page = browser_context.new_page()
+def nothing_phones_home(outbound, page_requests):
+    """After a test: neither the server process nor the page reached past loopback."""
+    yield
+    assert outbound == []
+    assert page_requests == []
+
+
+def open_page(context, url: str, requests: list[str], loaded: str):
+    """A fresh page (a new Gradio session) on ``url``, recording requests outside the app, once
+    the Model tab says ``Loaded <loaded>``."""
+    page = context.new_page()
     page.on(
         "request",
         lambda r: (
             None
-            if r.url.startswith((app_url.rstrip("/"), "data:", "blob:"))
-            else page_requests.append(r.url)
+            if r.url.startswith((url.rstrip("/"), "data:", "blob:"))
+            else requests.append(r.url)
         ),
     )
-    page.goto(app_url)
-    page.wait_for_selector("#model-status:has-text('Loaded smollm2-135m')", timeout=300_000)
+    page.goto(url)
+    page.wait_for_selector(f"#model-status:has-text('Loaded {loaded}')", timeout=SLOW)
+    return page
+
+
+@pytest.fixture
+def page(browser_context, app_url, page_requests):
+    """A fresh page (a new Gradio session) with the default model loaded."""
+    page = open_page(browser_context, app_url, page_requests, "smollm2-135m")
     try:
         yield page
     finally:
@@ -171,3 +188,59 @@ def client_factory(app_url):
         return Client(app_url, analytics_enabled=False, verbose=False)
 
     return make
+
+
+# -- what a person does in the browser ---------------------------------------------------------------
+def open_tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def screenshot(page, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page.wait_for_timeout(500)  # let plotly finish its transitions
+    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+def toast(page, text: str):
+    return page.wait_for_selector(f'[data-testid="toast-body"]:has-text("{text}")', timeout=SLOW)
+
+
+def close_toasts(page) -> None:
+    for button in page.locator('[data-testid="toast-close"]').all():
+        button.click()
+
+
+def set_cell(page, row: int, col: int, value: str) -> None:
+    """Type into a plan-table cell; the edit is committed when the cell loses focus."""
+    cell = page.locator(f'#plan-table [data-testid="cell-{row}-{col}"]')
+    cell.scroll_into_view_if_needed()
+    cell.dblclick()
+    editor = cell.locator("textarea")
+    editor.press("Control+A")
+    editor.press_sequentially(value)
+    page.locator("#plan-counters").click()
+
+
+def number(page, elem_id: str) -> float:
+    return float(page.input_value(f"#{elem_id} textarea"))
+
+
+def wait_plan(page, text: str) -> None:
+    page.wait_for_selector(f"#plan-status:has-text('{text}')", timeout=SLOW)
+
+
+def run_preview(page, previous: float | None = None) -> tuple[float, float]:
+    """Press Run preview and wait for it to finish (with a value other than ``previous``)."""
+    open_tab(page, "Preview")
+    page.click("#preview-run")
+    page.wait_for_function(
+        """(previous) => {
+            const status = document.querySelector('#preview-status');
+            const pruned = document.querySelector('#preview-pruned textarea');
+            return status && status.innerText.includes('Done') && pruned && pruned.value !== ''
+                && Number(pruned.value) !== previous;
+        }""",
+        arg=previous,
+        timeout=SLOW,
+    )
+    return number(page, "preview-dense"), number(page, "preview-pruned")

@@ -14,75 +14,21 @@ import pytest
 pytest.register_assert_rewrite("tests.app.fixtures")
 
 from explorer.catalogue import RECOVERY_STEPS  # noqa: E402
-from tests.app.fixtures import EVAL_WINDOWS, SCREENSHOTS  # noqa: E402
+from tests.app.fixtures import (  # noqa: E402
+    EVAL_WINDOWS,
+    SLOW,
+    close_toasts,
+    number,
+    open_tab,
+    run_preview,
+    screenshot,
+    set_cell,
+    toast,
+    wait_plan,
+)
 
 pytest_plugins = ["tests.app.fixtures"]
-pytestmark = [pytest.mark.browser, pytest.mark.real]
-
-SLOW = 600_000  # ms: a cold calibration pass or an export on two busy cores
-
-
-@pytest.fixture(autouse=True)
-def nothing_phones_home(outbound, page_requests):
-    """After every test: neither the server process nor the page reached past loopback."""
-    yield
-    assert outbound == []
-    assert page_requests == []
-
-
-def open_tab(page, name: str) -> None:
-    page.get_by_role("tab", name=name, exact=True).click()
-
-
-def screenshot(page, name: str) -> None:
-    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    page.wait_for_timeout(500)  # let plotly finish its transitions
-    page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
-
-
-def toast(page, text: str):
-    return page.wait_for_selector(f'[data-testid="toast-body"]:has-text("{text}")', timeout=SLOW)
-
-
-def close_toasts(page) -> None:
-    for button in page.locator('[data-testid="toast-close"]').all():
-        button.click()
-
-
-def set_cell(page, row: int, col: int, value: str) -> None:
-    """Type into a plan-table cell; the edit is committed when the cell loses focus."""
-    cell = page.locator(f'#plan-table [data-testid="cell-{row}-{col}"]')
-    cell.scroll_into_view_if_needed()
-    cell.dblclick()
-    editor = cell.locator("textarea")
-    editor.press("Control+A")
-    editor.press_sequentially(value)
-    page.locator("#plan-counters").click()
-
-
-def number(page, elem_id: str) -> float:
-    return float(page.input_value(f"#{elem_id} textarea"))
-
-
-def wait_plan(page, text: str) -> None:
-    page.wait_for_selector(f"#plan-status:has-text('{text}')", timeout=SLOW)
-
-
-def run_preview(page, previous: float | None = None) -> tuple[float, float]:
-    """Press Run preview and wait for it to finish (with a value other than ``previous``)."""
-    open_tab(page, "Preview")
-    page.click("#preview-run")
-    page.wait_for_function(
-        """(previous) => {
-            const status = document.querySelector('#preview-status');
-            const pruned = document.querySelector('#preview-pruned textarea');
-            return status && status.innerText.includes('Done') && pruned && pruned.value !== ''
-                && Number(pruned.value) !== previous;
-        }""",
-        arg=previous,
-        timeout=SLOW,
-    )
-    return number(page, "preview-dense"), number(page, "preview-pruned")
+pytestmark = [pytest.mark.browser, pytest.mark.real, pytest.mark.usefixtures("nothing_phones_home")]
 
 
 def plotly_point(page, plot_id: str, customdata: str) -> tuple[float, float]:
