@@ -48,6 +48,7 @@ def tiny_app(tiny_llama_dir, tmp_path_factory, outbound):
         export_root=exports,
         max_upload_mb=1,
         max_text_chars=400_000,
+        max_calibration_tokens=2048,
         max_steps=50,
         max_new_tokens=64,
     )
@@ -217,6 +218,30 @@ def test_text_over_the_length_limit_is_refused(client, tiny_app, tmp_path):
     long.write_text("the dog ran in the park\n" * 21_000)  # 504,000 characters, under 1 MB
     message = refusal(load, client, tiny_app.model, ("file", handle_file(str(long)), "", 2))
     assert "504,000 characters; this server reads at most 400,000" in message
+
+
+def test_calibration_over_the_token_limit_is_refused_and_the_session_keeps_its_model(client):
+    evaluation = ("builtin", None, "")
+    args = (MODEL[0], "float32", *BUILTIN, *evaluation)
+    message = refusal(client.predict, *args, 64, 64, api_name="/load_model")
+    assert "64 calibration windows x 64 tokens = 4,096 tokens" in message
+    assert "this server calibrates on at most 2,048" in message
+    message = refusal(client.predict, *args, 0, 64, api_name="/load_model")
+    assert "less than minimum value 1" in message  # the input's own range
+    assert client.predict(api_name="/show_plan")[INFO]["error"] is None
+
+
+def test_plan_file_calibrating_over_the_limit_is_refused_and_the_plan_kept(client, tmp_path):
+    from gradio_client import handle_file
+
+    shown = client.predict(api_name="/show_plan")
+    plan = Plan.from_dict(shown[INFO]["plan"])
+    plan.calibration_windows, plan.calibration_length, plan.target = 32, 256, 0.5
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    message = refusal(client.predict, handle_file(str(path)), api_name="/load_plan")
+    assert "32 calibration windows x 256 tokens = 8,192 tokens" in message
+    assert client.predict(api_name="/show_plan")[INFO]["plan"] == shown[INFO]["plan"]
 
 
 # -- plans, generation, recovery ------------------------------------------------------------------------
