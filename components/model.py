@@ -103,23 +103,22 @@ def build(settings: Settings) -> ModelPanel:
     )
     eval_kind, eval_file, eval_dataset = text_fields("Evaluation", EVALUATION_KINDS)
     # Last in /load_model's parameters, so clients that send the older nine keep working.
-    calib_windows = gr.Number(
-        settings.calibration_windows,
-        precision=0,
-        minimum=1,
-        label="Calibration windows",
-        info="Part of the plan; curvature-based criteria and updates need enough of them.",
-        elem_id="model-calib-windows",
-        **hidden,
-    )
-    calib_length = gr.Number(
-        settings.calibration_length,
-        precision=0,
-        minimum=2,
-        label="Calibration window length (tokens)",
-        elem_id="model-calib-length",
-        **hidden,
-    )
+    calib_windows, calib_length = (
+        gr.Number(
+            value,
+            precision=0,
+            minimum=least,
+            label=label,
+            info=info,
+            elem_id=f"model-calib-{name}",
+            **hidden,
+        )
+        for name, value, least, label, info in (
+            ("windows", settings.calibration_windows, 1, "Calibration windows",
+             "Part of the plan; curvature-based criteria and updates need enough of them."),
+            ("length", settings.calibration_length, 2, "Calibration window length (tokens)", None),
+        )
+    )  # fmt: skip
     with gr.Row():
         with gr.Column(scale=2):
             source.render()

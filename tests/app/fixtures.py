@@ -15,6 +15,7 @@ import ipaddress
 import os
 import socket
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,15 @@ def app_url(outbound, tmp_path_factory) -> Iterator[str]:
         calibration_windows=CALIBRATION_WINDOWS,
         policy=policy,
     )
+    with served(demo) as url:
+        yield url
+
+
+@contextmanager
+def served(demo) -> Iterator[str]:
+    """``demo`` launched on a free loopback port (its URL), closed afterwards."""
+    import app
+
     port = free_port()
     app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
     try:

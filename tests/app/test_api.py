@@ -24,7 +24,7 @@ from components.importance import agreement  # noqa: E402
 from components.model import source_dict  # noqa: E402
 from explorer.errors import DataError, PlanError  # noqa: E402
 from explorer.planning.plan import Plan  # noqa: E402
-from tests.app.fixtures import EVAL_WINDOWS  # noqa: E402
+from tests.app.fixtures import CALIBRATION_WINDOWS, EVAL_WINDOWS  # noqa: E402
 
 pytest_plugins = ["tests.app.fixtures"]
 
@@ -236,7 +236,9 @@ def test_lora_recovery_reports_its_losses_and_an_export_recovers_on_its_own(
     assert curve["y"] == pytest.approx(report["losses"])
 
     # A plan whose recovery was never run on the Recover tab: the export runs it itself.
-    plan = Plan(recovery=[{"step": "lora", "steps": 2, "rank": 4}])
+    plan = Plan(  # on the loaded calibration: another amount would recalibrate (a new entry)
+        calibration_windows=CALIBRATION_WINDOWS, recovery=[{"step": "lora", "steps": 2, "rank": 4}]
+    )
     plan.save(tmp_path / "plan.json")
     client.predict(handle_file(str(tmp_path / "plan.json")), api_name="/load_plan")
     checks, exported, _ = client.predict(str(tmp_path / "out"), False, api_name="/export")

@@ -27,11 +27,11 @@ from explorer.policy import AccessPolicy  # noqa: E402
 from explorer.session import Explorer  # noqa: E402
 from tests.app.fixtures import (  # noqa: E402
     SLOW,
-    free_port,
     number,
     open_page,
     open_tab,
     run_preview,
+    served,
     set_cell,
     wait_plan,
 )
@@ -90,12 +90,8 @@ def loop_app(bpe_tokenizer, tmp_path_factory, outbound):
         eval_windows=EVAL_WINDOWS,
         policy=policy,
     )
-    port = free_port()
-    app.launch(demo, "127.0.0.1", port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield SimpleNamespace(url=f"http://127.0.0.1:{port}/", model=str(folder))
-    finally:
-        demo.close()
+    with served(demo) as url:
+        yield SimpleNamespace(url=url, model=str(folder))
 
 
 @pytest.fixture
