@@ -30,6 +30,7 @@ from .model.loading import EMBEDDED, cache_root, load_model
 from .planning.plan import Plan
 from .planning.presets import load_preset, preset_names
 from .planning.selection import Selection
+from .recovery.heldout import recovery_warnings
 from .recovery.live import split_steps
 from .scoring.base import REDUCTIONS
 from .session import Explorer
@@ -290,16 +291,26 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         names = ", ".join(e["step"] for e in live)
         print(f"preview with the live steps ({names}): perplexity {previewed:.2f}")
     pruned_model = recovered = None
+    steps: list[dict] = []
     if plan.recovery:
         pruned_model, steps = _with_bar("recovery", ex.recover, sel, plan.recovery)
         recovered = _with_bar("recovered perplexity", perplexity, pruned_model, ex.evaluation)
         print(f"after recovery ({', '.join(s['step'] for s in steps)}): perplexity {recovered:.2f}")
+        for warning in recovery_warnings(steps):
+            print(f"warning: {warning}")
     if getattr(args, "prompt", None):
         print(f"\nprompt: {args.prompt}")
         print("dense :", ex.generate(Selection(), args.prompt)[0])
         print("pruned:", ex.generate(sel, args.prompt)[0])
     report = pruning_report(
-        plan, sizes, ex.evaluation.shape, dense, pruned, recovered, scoring_seconds=scoring_s
+        plan,
+        sizes,
+        ex.evaluation.shape,
+        dense,
+        pruned,
+        recovered,
+        recovery_reports=steps,
+        scoring_seconds=scoring_s,
     )
     if live:
         report["perplexity_preview"] = previewed

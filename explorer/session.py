@@ -19,7 +19,7 @@ from .apply.preview import LivePreview
 from .apply.pruning import prune_model
 from .apply.sensitivity import Point, Sensitivity, sweep
 from .catalogue import CRITERIA, RECOVERY_STEPS
-from .data import TextSource, ensure_disjoint, token_windows
+from .data import TextSource, calibration_split, ensure_disjoint, token_windows
 from .evaluate import PerplexityStep, generate, perplexity, token_logprobs
 from .model.families import family_for
 from .model.loading import Workspace, load_model
@@ -42,6 +42,9 @@ class Explorer:
     calibration: torch.Tensor  # (n, L) token windows
     evaluation: torch.Tensor  # (n, L) token windows
     seed: int = 0
+    # Windows of the calibration text that no calibration window covers: they judge recovery
+    # steps (``recover``) and are never used to score or to recover. None: no such check.
+    heldout: torch.Tensor | None = None
     structure: StructureMap = field(init=False)
     _stats: Statistics | None = field(default=None, init=False, repr=False)
     _scores: dict[tuple[str, str, tuple[str, ...]], Scores] = field(
@@ -71,11 +74,11 @@ class Explorer:
         """Cut the texts into windows; refuses calibration text that overlaps the evaluation."""
         ensure_disjoint(calibration_text, evaluation_text)
         tok = workspace.tokenizer
-        calib = token_windows(
+        calib, heldout = calibration_split(
             tok, calibration_text, calibration_length, calibration_windows, seed=seed
         )
         evaluation = token_windows(tok, evaluation_text, evaluation_length, evaluation_windows)
-        return cls(workspace, calib, evaluation, seed=seed)
+        return cls(workspace, calib, evaluation, seed=seed, heldout=heldout)
 
     @classmethod
     def open(
@@ -323,14 +326,22 @@ class Explorer:
         """A sliced copy of the model with the plan's recovery steps applied, and their reports.
 
         Recovery changes the kept weights, so unlike the preview it works on a physical copy; the
-        shared model is left as it is.
+        shared model is left as it is. Each report carries the held-out calibration perplexity
+        before and after its step, and a ``warning`` when the step made it worse.
         """
         live, _ = split_steps(steps)
         if live:
             self.statistics(live_needs(live), progress)  # the statistics the preview reads
         pruned = prune_model(self.model, self.structure, selection)
         ctx = RecoveryContext(
-            self.model, pruned, self.structure, selection, self.calibration, self._stats, progress
+            self.model,
+            pruned,
+            self.structure,
+            selection,
+            self.calibration,
+            self._stats,
+            progress,
+            heldout=self.heldout,
         )
         return pruned, run_steps(steps, ctx, RECOVERY_STEPS)
 

@@ -135,3 +135,24 @@ def test_cli_exports_gguf(bpe_tokenizer, tiny_llama_dir, texts, tmp_path, capsys
     assert "exported to" in capsys.readouterr().out
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["gguf"]["outtype"] == "q8_0" and (tmp_path / "b" / "model-q8_0.gguf").is_file()
+
+
+def test_cli_warns_when_a_recovery_step_hurts_held_out_calibration_text(
+    tiny_llama_dir, texts, tmp_path, capsys, harmful_step
+):
+    calib, evaluation = texts
+    argv = ["prune", "--model", str(tiny_llama_dir), "--criterion", "l2", "--target", "0.3"]
+    argv += ["--calibration", str(calib), "--evaluation", str(evaluation)]
+    argv += ["--eval-length", "16", "--calibration-length", "16", "--eval-windows", "2"]
+    out = tmp_path / "out"
+    assert (
+        main([*argv, "--recovery", f"layerwise:damping=1e6,{harmful_step}", "--out", str(out)]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    warned = [line for line in lines if line.startswith("warning: ")]
+    # The neutral refit (damping 1e6 keeps the weights) is not warned about; the scramble is.
+    assert len(warned) == 1 and f"Recovery step '{harmful_step}' made the model worse" in warned[0]
+    assert any(line.startswith("exported to") for line in lines)  # the export still happens
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery_warnings"] == [warned[0].removeprefix("warning: ")]
+    assert [r["step"] for r in report["recovery_heldout"]] == ["layerwise", harmful_step]

@@ -12,6 +12,7 @@ import torch
 from explorer.data import (
     TextSource,
     builtin_text,
+    calibration_split,
     dataset_text,
     ensure_disjoint,
     read_text_file,
@@ -50,6 +51,33 @@ def test_seeded_windows_are_deterministic_and_disjoint(tiny_tokenizer, sentences
         starts.append(start)
     starts.sort()
     assert all(later - earlier >= 16 for earlier, later in pairwise(starts))
+
+
+def _starts(ids: list[int], windows: torch.Tensor) -> list[int]:
+    """Where each window starts in ``ids`` (each is found exactly once in aperiodic text)."""
+    n = windows.shape[1]
+    return sorted(
+        next(i for i in range(len(ids) - n + 1) if ids[i : i + n] == row)
+        for row in windows.tolist()
+    )
+
+
+def test_held_out_calibration_windows_are_text_no_calibration_window_covers(
+    tiny_tokenizer, sentences
+):
+    words = " ".join(sentences).split()
+    text = " ".join(random.Random(0).choices(words, k=400))
+    calib, held = calibration_split(tiny_tokenizer, text, 16, 5, seed=1, heldout=4)
+    assert torch.equal(calib, token_windows(tiny_tokenizer, text, 16, 5, seed=1))  # no change
+    assert held.shape == (4, 16)
+    ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
+    used = [range(s, s + 16) for s in _starts(ids, calib)]
+    for start in _starts(ids, held):
+        assert not any(start in r or start + 15 in r for r in used)
+    # All 25 windows' worth of text used for calibration: nothing is left to hold out.
+    room = len(ids) // 16
+    full, none = calibration_split(tiny_tokenizer, text, 16, room, seed=1)
+    assert full.shape == (room, 16) and none.shape == (0, 16)
 
 
 def test_bos_follows_the_tokenizer(tiny_tokenizer, tiny_bos_tokenizer, text):
