@@ -139,7 +139,7 @@ def harmful_step(monkeypatch) -> str:
     from explorer.catalogue import RECOVERY_STEPS
     from explorer.recovery.steps import RecoveryStep
 
-    def scramble(ctx, *, scale: float = 3.0) -> dict:
+    def scramble(ctx, *, scale: float = 0.3) -> dict:
         g = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for p in ctx.pruned.parameters():
