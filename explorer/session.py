@@ -156,8 +156,8 @@ class Explorer:
         need those scores.
         """
         crit = CRITERIA[criterion]
-        kinds = SCORED_KINDS + (("hidden",) if hidden else ())
-        key = (criterion, reduction if crit.uses_reduction else "-", kinds)
+        key = self._score_key(criterion, reduction, hidden)
+        kinds = key[2]
         if key not in self._scores:
             needs = crit.needs | Needs(embeddings=hidden and crit.needs.gradients)
             stats = self.statistics(needs, progress) if needs != Needs() else None
@@ -172,6 +172,22 @@ class Explorer:
             )
             self._scores[key] = crit.score(ctx)
         return self._scores[key]
+
+    @staticmethod
+    def _score_key(criterion: str, reduction: str, hidden: bool) -> tuple[str, str, tuple]:
+        crit = CRITERIA[criterion]
+        kinds = SCORED_KINDS + (("hidden",) if hidden else ())
+        return criterion, reduction if crit.uses_reduction else "-", kinds
+
+    def ready(self, plan: Plan) -> bool:
+        """Whether ``select(plan)`` is quick: its scores (and sweep) were computed already, so no
+        calibration pass, scoring or sensitivity sweep would run (a picture may then show it)."""
+        hidden = plan.hidden_ratio > 0
+        needed = [self._score_key(plan.criterion, plan.reduction, hidden)]
+        if plan.depth and plan.depth_criterion not in (None, plan.criterion):
+            needed.append(self._score_key(plan.depth_criterion, plan.reduction, False))
+        swept = plan.allocation != "sensitivity" or self.known_sensitivity(plan) is not None
+        return swept and all(key in self._scores for key in needed)
 
     def select(self, plan: Plan, progress: Progress | None = None) -> Selection:
         """The selection ``plan`` gives on this model: its criterion's scores, allocated (a
