@@ -10,9 +10,10 @@ groups span and lists the slices one unit owns with its parameter count; all of 
 ``StructureMap.members``, so the picture cannot disagree with what pruning removes.
 
 The current plan is drawn on it (``plan_marks``): a strip along the top with one cell per layer,
-the share of the layer's parameters the plan keeps; under each expanded layer its query heads and
-MLP channels, coloured by their importance rank under the plan's criterion, the removed ones as
-red crosses; a removed layer's node is a red cross. It is redrawn on every plan change.
+the share of the layer's parameters the plan keeps; under each expanded layer its query heads (in
+order) and its MLP channels (sorted by importance rank, so the cut shows as one block), coloured
+by their importance rank under the plan's criterion, the removed ones red (heads as crosses); a
+removed layer's node is a red cross. It is redrawn on every plan change.
 """
 
 from __future__ import annotations
@@ -306,7 +307,7 @@ def dependency_figure(
             )
         )
     if marks is not None:
-        for trace in plan_traces(structure, pos, spans, marks):
+        for trace in plan_traces(structure, spans, marks):
             fig.add_trace(trace)
     gone = set(marks_removed_layers(structure, marks)) if marks is not None else set()
     nodes = list(pos)
@@ -369,7 +370,13 @@ def dependency_figure(
         xaxis={"visible": False},
         yaxis={"visible": False, "range": [bottom, top]},
         plot_bgcolor="white",
-        legend={"orientation": "h", "y": -0.02, "x": 0.5, "xanchor": "center"},
+        legend={
+            "orientation": "h",
+            "y": -0.02,
+            "x": 0.5,
+            "xanchor": "center",
+            "itemsizing": "constant",
+        },
         clickmode="event",
         hovermode="closest",
         dragmode="pan",
@@ -404,30 +411,28 @@ def marks_removed_layers(structure: StructureMap, marks: PlanMarks) -> list[int]
     return [i for i, kept in enumerate(marks.kept) if kept == 0]
 
 
-def unit_positions(
-    structure: StructureMap, pos: dict, layer: int, kind: str
-) -> list[tuple[float, float]]:
-    """Where an expanded layer's units sit below the bus: its query heads in a row under the
-    attention modules, its MLP channels in a grid under the MLP modules."""
-    f = structure.family
-
-    def x_of(path: str) -> float:
-        return pos[f"L{layer}.{path.rpartition('.')[2]}"][0]
-
-    if kind == "head":
-        n, left, right, columns = structure.heads, x_of(f.q) - 0.6, x_of(f.o) + 0.3, None
-    else:
-        n, left, right = structure.intermediate, x_of(f.gate) - 0.4, x_of(f.down) + 0.5
-        columns = min(n, MLP_COLUMNS)
-    columns = columns or n
-    rows = math.ceil(n / columns)
+def unit_positions(span: tuple[float, float], kind: str, count: int) -> list[tuple[float, float]]:
+    """The slots of an expanded layer's units below the bus, across the layer's width: its query
+    heads in one row, then its MLP channels in a grid of ``MLP_COLUMNS`` per row."""
+    left, right = span[0] - 0.3, span[1] + 0.3
+    columns = count if kind == "head" else min(count, MLP_COLUMNS)
+    top = UNITS_TOP if kind == "head" else UNITS_TOP - 0.3
+    rows = math.ceil(count / columns)
     dx = (right - left) / max(columns - 1, 1)
-    dy = min(0.2, UNITS_DEPTH / max(rows - 1, 1))
-    return [(left + (u % columns) * dx, UNITS_TOP - (u // columns) * dy) for u in range(n)]
+    dy = min(0.2, (UNITS_DEPTH - 0.3) / max(rows - 1, 1))
+    return [(left + (k % columns) * dx, top - (k // columns) * dy) for k in range(count)]
+
+
+def display_order(marks: PlanMarks, kind: str, layer: int, count: int) -> list[int]:
+    """Units in the order they are drawn: heads by index (their kv groups stay together), MLP
+    channels by importance rank, lowest first, so the plan's cut shows as one block."""
+    if kind == "head" or kind not in marks.shades:
+        return list(range(count))
+    return marks.shades[kind][layer].argsort(stable=True).tolist()
 
 
 def plan_traces(
-    structure: StructureMap, pos: dict, spans: dict[int, tuple[float, float]], marks: PlanMarks
+    structure: StructureMap, spans: dict[int, tuple[float, float]], marks: PlanMarks
 ) -> list[go.Scatter]:
     """The plan's traces: the strip of shares kept, then the kept and the removed units.
 
@@ -463,15 +468,17 @@ def plan_traces(
         showlegend=False,
     )
     kept: dict[str, list] = {"x": [], "y": [], "ids": [], "color": [], "size": [], "hover": []}
-    removed: dict[str, list] = {"x": [], "y": [], "ids": [], "size": [], "hover": []}
+    removed: dict[str, list] = {"x": [], "y": [], "ids": [], "size": [], "hover": [], "symbol": []}
     titles = {"head": "query head", "mlp": "MLP channel"}
     for layer in layers:
         if _collapsed(spans[layer]):
             continue
         for kind in ("head", "mlp"):
             gone = set(marks.removed[kind].get(layer, ()))
-            size = 10 if kind == "head" else (4 if structure.intermediate > 200 else 7)
-            for unit, (x, y) in enumerate(unit_positions(structure, pos, layer, kind)):
+            count = structure.heads if kind == "head" else structure.intermediate
+            size = 9 if kind == "head" else (3 if count > 200 else 7)
+            slots = unit_positions(spans[layer], kind, count)
+            for unit, (x, y) in zip(display_order(marks, kind, layer, count), slots, strict=True):
                 about = f"layer {layer}, {titles[kind]} {unit}"
                 if kind in marks.scores:
                     score = float(marks.scores[kind][layer, unit])
@@ -482,7 +489,8 @@ def plan_traces(
                 group["y"].append(y)
                 group["ids"].append(f"{kind}:{layer}:{unit}")
                 if unit in gone:
-                    group["size"].append(size + 2)
+                    group["size"].append(size + (2 if kind == "head" else 0))
+                    group["symbol"].append("x" if kind == "head" else "square")
                     group["hover"].append(f"{about}<br>removed by the plan")
                 else:
                     shade = float(marks.shades[kind][layer, unit]) if kind in marks.shades else 0.5
@@ -513,7 +521,11 @@ def plan_traces(
                 name="removed by the plan",
                 hovertext=removed["hover"],
                 hoverinfo="text",
-                marker={"color": REMOVED_COLOUR, "size": removed["size"], "symbol": "x"},
+                marker={
+                    "color": REMOVED_COLOUR,
+                    "size": removed["size"],
+                    "symbol": removed["symbol"],
+                },
             )
         )
     return traces
@@ -566,7 +578,9 @@ def planned_figure(
         marks=drawn,
     )
     title = (
-        f"The plan ({drawn.criterion}): top row, share of each layer kept; red ✕, removed"
+        f"The plan ({drawn.criterion}): top row, the share of each layer kept. Below each "
+        "expanded layer its heads, then its MLP channels by importance rank (dark = low); "
+        "red: removed"
         if drawn is not None
         else marks
     )
