@@ -429,15 +429,18 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     ws = load_model("smollm2-135m", device=args.device)
-    docs = builtin_text("calibration").split("\n\n")
-    cut = len(docs) - len(docs) // 10
-    fit_text, held_text = "\n\n".join(docs[:cut]), "\n\n".join(docs[cut:])
-    evaluation = builtin_text("evaluation")
+    calibration, evaluation = builtin_text("calibration"), builtin_text("evaluation")
+    # The library calibrates on the first 9/10 of the documents; the last tenth is the held-out.
     ex = Explorer.from_texts(
-        ws, fit_text, evaluation, calibration_windows=args.windows, calibration_length=args.length
+        ws,
+        calibration,
+        evaluation,
+        calibration_windows=args.windows,
+        calibration_length=args.length,
+        heldout_windows=args.selection_windows,
     )
-    small = Explorer.from_texts(ws, fit_text, evaluation)
-    held = token_windows(ws.tokenizer, held_text, 256, args.selection_windows)
+    small = Explorer.from_texts(ws, calibration, evaluation)
+    held = ex.heldout
     offdomain = token_windows(ws.tokenizer, builtin_text("offdomain"), 256, 20)
     bench = Bench(ex, small, held, offdomain, args)
     print("dense", ex.dense_perplexity(), flush=True)
