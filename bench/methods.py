@@ -424,6 +424,13 @@ def main() -> None:
     parser.add_argument("--greedy-half", default="obs", help="greedy criterion of the 50%% row")
     parser.add_argument("--best", default=None, help="a candidates() label: skip the selection")
     parser.add_argument("--rows", nargs="+", default=ROWS, help="method:recovery entries")
+    parser.add_argument(
+        "--recipe",
+        nargs="+",
+        default=[],
+        metavar="KEY=PLAN.json",
+        help="plan JSONs as methods KEY (their recovery steps are the method's own)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -475,10 +482,16 @@ def main() -> None:
         shots=args.greedy_shots,
         surgeon_windows=False,
     )
+    for entry in args.recipe:
+        key, path = entry.split("=", 1)
+        plan = Plan.load(path)
+        steps = ", ".join(e["step"] for e in plan.recovery) or "no update"
+        label = f"{Path(path).stem} ({plan.criterion}, {plan.allocation}, {steps})"
+        table[key] = Method(key, label, plan, own_steps=list(plan.recovery))
     for entry in args.rows:
         key, recovery = entry.split(":")
         bench.run_row(table[key], recovery)
-        if key in HALF_KEYS:
+        if key in HALF_KEYS or (table[key].plan.target or 0) >= 0.5:
             bench.sample(table[key], recovery)
 
 
