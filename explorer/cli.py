@@ -381,8 +381,8 @@ def run_sensitivity(plan: Plan, args: argparse.Namespace) -> Sensitivity:
     total = len(request.ratios) * len(kinds) * ex.structure.num_layers
     print(
         f"sensitivity of {plan.model} under {plan.criterion}: {', '.join(kinds)} at "
-        f"{request.ratios} on {request.windows[0]} x {request.windows[1]} tokens "
-        f"(up to {total} points), live steps: {request.steps or 'none'}"
+        f"{request.ratios} on {request.windows[0]} x {request.windows[1]} tokens of "
+        f"{request.text} text (up to {total} points), live steps: {request.steps or 'none'}"
     )
     _with_bar("sensitivity", lambda progress: list(ex.iter_sensitivity(plan, kinds, progress)))
     sens = ex.known_sensitivity(plan, kinds)

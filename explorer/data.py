@@ -39,8 +39,6 @@ CORPUS_FILES: dict[str, str] = {
 }
 OFFDOMAIN_CHARS = 300_000  # ~60k tokens: far more than any evaluation protocol reads
 NEUTRAL_PROMPTS = ("The", "In", "A", "It", "This", "When", "After", "One")
-# Held-out calibration windows that judge recovery steps (never used to score or to recover).
-HELDOUT_WINDOWS = 4
 TOP_K = 50  # sampling from the top 50 at temperature 1: varied text, yet rarely garbage
 
 
@@ -275,40 +273,6 @@ def token_windows(
     tokenizer adds it itself) every window is BOS followed by ``length - 1`` text tokens, as the
     model saw text in training.
     """
-    ids, span, bos = _tokens(tokenizer, text, length, n_windows, add_bos)
-    return _cut(ids, _offsets(len(ids), span, n_windows, seed), span, bos)
-
-
-def calibration_split(
-    tokenizer,
-    text: str,
-    length: int,
-    n_windows: int,
-    *,
-    seed: int,
-    heldout: int = HELDOUT_WINDOWS,
-    add_bos: bool | None = None,
-) -> tuple[torch.LongTensor, torch.LongTensor]:
-    """The calibration windows and up to ``heldout`` held-out windows of the same text.
-
-    The calibration windows are exactly ``token_windows(..., seed=seed)``'s, so adding the
-    held-out slice changes no score. The held-out windows are cut from the tokens that no
-    calibration window covers (spread evenly over them), so no scoring pass or recovery step ever
-    sees them: they judge whether a recovery step generalises beyond its calibration windows.
-    Fewer (possibly none) come back when the calibration windows leave too little text.
-    """
-    ids, span, bos = _tokens(tokenizer, text, length, n_windows, add_bos)
-    used = _offsets(len(ids), span, n_windows, seed)
-    free, start = [], 0
-    for stop in [*used, len(ids)]:
-        free += range(start, stop - span + 1, span)  # whole windows between two used ones
-        start = stop + span
-    picked = [free[(i * len(free)) // heldout] for i in range(min(heldout, len(free)))]
-    return _cut(ids, used, span, bos), _cut(ids, picked, span, bos, empty=length)
-
-
-def _tokens(tokenizer, text: str, length: int, n_windows: int | None, add_bos: bool | None):
-    """The text's token ids, the text tokens per window and the BOS id (None: no BOS)."""
     use_bos = _adds_bos(tokenizer) if add_bos is None else add_bos
     if use_bos and tokenizer.bos_token_id is None:
         raise DataError("This tokenizer has no BOS token. Use add_bos=False.")
@@ -325,30 +289,36 @@ def _tokens(tokenizer, text: str, length: int, n_windows: int | None, add_bos: b
             f"The text has {len(ids)} tokens: room for {available} windows of {length}, "
             f"{n} asked. Use more text, shorter windows or fewer windows."
         )
-    return ids, span, tokenizer.bos_token_id if use_bos else None
-
-
-def _offsets(n_tokens: int, span: int, n_windows: int | None, seed: int | None) -> list[int]:
-    """Sorted start offsets of the windows: the first ones in order, or seeded random ones."""
-    n = n_tokens // span if n_windows is None else n_windows
     if seed is None:
-        return [i * span for i in range(n)]
-    # n intervals placed uniformly: draw the free space before each, in sorted order.
-    slack = n_tokens - n * span
-    gaps = sorted(random.Random(seed).choices(range(slack + 1), k=n))
-    return [gap + i * span for i, gap in enumerate(gaps)]
-
-
-def _cut(
-    ids: list[int], offsets: list[int], span: int, bos: int | None, empty: int = 0
-) -> torch.LongTensor:
-    """The windows at ``offsets`` (BOS first when ``bos``); ``(0, empty)`` when there are none."""
-    if not offsets:
-        return torch.zeros((0, empty), dtype=torch.long)
+        offsets = [i * span for i in range(n)]
+    else:
+        # n intervals placed uniformly: draw the free space before each, in sorted order.
+        slack = len(ids) - n * span
+        gaps = sorted(random.Random(seed).choices(range(slack + 1), k=n))
+        offsets = [gap + i * span for i, gap in enumerate(gaps)]
     windows = torch.tensor([ids[o : o + span] for o in offsets], dtype=torch.long)
-    if bos is not None:
-        windows = torch.cat([torch.full((len(offsets), 1), bos, dtype=torch.long), windows], dim=1)
+    if use_bos:
+        bos = torch.full((n, 1), tokenizer.bos_token_id, dtype=torch.long)
+        windows = torch.cat([bos, windows], dim=1)
     return windows
+
+
+def split_heldout(text: str, fraction: float = 0.1) -> tuple[str, str]:
+    """(fit, held-out) parts of a calibration text: its last ``fraction`` of paragraphs held out.
+
+    Settings chosen by measurement (a sensitivity sweep, whether a recovery step helped) must
+    not be chosen on the evaluation text, nor on the text the weights were fitted to; the tail of
+    the calibration text is neither. Text with fewer than ten paragraphs is split at the last
+    whitespace before ``1 - fraction`` of its characters.
+    """
+    paragraphs = text.split("\n\n")
+    if len(paragraphs) >= 10:
+        cut = len(paragraphs) - int(len(paragraphs) * fraction)
+        return "\n\n".join(paragraphs[:cut]), "\n\n".join(paragraphs[cut:])
+    at = int(len(text) * (1 - fraction))
+    space = text.rfind(" ", 0, at)
+    at = space if space > 0 else at
+    return text[:at], text[at:].lstrip()
 
 
 def ensure_disjoint(calibration_text: str, evaluation_text: str) -> None:

@@ -19,7 +19,8 @@ from .apply.preview import LivePreview
 from .apply.pruning import prune_model
 from .apply.sensitivity import Point, Sensitivity, sweep
 from .catalogue import CRITERIA, RECOVERY_STEPS
-from .data import TextSource, calibration_split, ensure_disjoint, token_windows
+from .data import TextSource, ensure_disjoint, split_heldout, token_windows
+from .errors import DataError
 from .evaluate import PerplexityStep, generate, perplexity, token_logprobs
 from .model.families import family_for
 from .model.loading import Workspace, load_model
@@ -33,6 +34,16 @@ from .scoring.base import SCORED_KINDS, ScoreContext, Scores
 from .scoring.statistics import Needs, Statistics, collect_statistics
 from .text_safety import check_length
 
+HELDOUT_WINDOWS = 4
+
+
+def heldout_windows_of(tokenizer, text: str, length: int, n: int) -> torch.Tensor | None:
+    """Up to ``n`` windows of ``length`` tokens in order from ``text`` (None if not one fits)."""
+    try:
+        return token_windows(tokenizer, text, length, None)[:n]
+    except DataError:
+        return None
+
 
 @dataclass
 class Explorer:
@@ -42,8 +53,9 @@ class Explorer:
     calibration: torch.Tensor  # (n, L) token windows
     evaluation: torch.Tensor  # (n, L) token windows
     seed: int = 0
-    # Windows of the calibration text that no calibration window covers: they judge recovery
-    # steps (``recover``) and are never used to score or to recover. None: no such check.
+    # (n, L) windows of the calibration text's held-out tail (``split_heldout``): never scored
+    # on, fitted to or reported as quality, so settings are measured here. None: no such text
+    # (a session built from bare windows), and the evaluation windows stand in, said so.
     heldout: torch.Tensor | None = None
     structure: StructureMap = field(init=False)
     _stats: Statistics | None = field(default=None, init=False, repr=False)
@@ -69,16 +81,27 @@ class Explorer:
         calibration_length: int = 64,
         evaluation_length: int = 256,
         evaluation_windows: int | None = None,
+        heldout_windows: int = HELDOUT_WINDOWS,
         seed: int = 0,
     ) -> Explorer:
-        """Cut the texts into windows; refuses calibration text that overlaps the evaluation."""
+        """Cut the texts into windows; refuses calibration text that overlaps the evaluation.
+
+        The calibration windows come from the first nine tenths of the calibration text; up to
+        ``heldout_windows`` windows of ``evaluation_length`` tokens from its last tenth are the
+        held-out slice that sweeps and recovery checks measure on.
+        """
         ensure_disjoint(calibration_text, evaluation_text)
         tok = workspace.tokenizer
-        calib, heldout = calibration_split(
-            tok, calibration_text, calibration_length, calibration_windows, seed=seed
-        )
+        fit, held = split_heldout(calibration_text)
+        calib = token_windows(tok, fit, calibration_length, calibration_windows, seed=seed)
         evaluation = token_windows(tok, evaluation_text, evaluation_length, evaluation_windows)
-        return cls(workspace, calib, evaluation, seed=seed, heldout=heldout)
+        return cls(
+            workspace,
+            calib,
+            evaluation,
+            seed=seed,
+            heldout=heldout_windows_of(tok, held, evaluation_length, heldout_windows),
+        )
 
     @classmethod
     def open(
@@ -208,15 +231,25 @@ class Explorer:
             kinds = ["mlp"] + ([attention] if plan.head_ratio != 0 else [])
         live, _ = split_steps(plan.recovery)
         crit = CRITERIA[plan.criterion]
-        n = min(plan.sensitivity_windows, self.evaluation.shape[0])
+        windows, text = self.settings_windows
+        n = min(plan.sensitivity_windows, windows.shape[0])
         return Sensitivity(
             criterion=plan.criterion,
             reduction=plan.reduction if crit.uses_reduction else "-",
             kinds=list(kinds),
             ratios=[float(r) for r in plan.sensitivity_ratios],
-            windows=[n, int(self.evaluation.shape[1])],
+            windows=[n, int(windows.shape[1])],
             steps=live,
+            text=text,
         )
+
+    @property
+    def settings_windows(self) -> tuple[torch.Tensor, str]:
+        """(windows, what they are) that settings are measured on: the held-out calibration
+        slice, or the evaluation windows where the session has none."""
+        if self.heldout is not None:
+            return self.heldout, "held-out calibration"
+        return self.evaluation, "evaluation"
 
     def iter_sensitivity(
         self, plan: Plan, kinds: Sequence[str] | None = None, progress: Progress | None = None
@@ -236,7 +269,7 @@ class Explorer:
             self.model,
             self.structure,
             scores,
-            self.evaluation[: request.windows[0]],
+            self.settings_windows[0][: request.windows[0]],
             plan,
             kinds=request.kinds,
             ratios=request.ratios,

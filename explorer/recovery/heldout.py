@@ -3,7 +3,7 @@
 A recovery step fits the pruned model to its calibration windows; on other text of the same
 source it can still make the model worse (a LoRA run that over-fits, an ill-damped refit, an
 update fitted to a few outlier tokens). The session keeps a few windows of the calibration text
-that no scoring pass or step ever sees (``data.calibration_split``); ``run_steps`` measures their
+that no scoring pass or step ever sees (``data.split_heldout``); ``run_steps`` measures their
 perplexity around every step, and a step that raised it gets a ``warning`` in its report, which
 the CLI prints, report.json keeps and the app shows before Export writes the model.
 """

@@ -12,11 +12,11 @@ import torch
 from explorer.data import (
     TextSource,
     builtin_text,
-    calibration_split,
     dataset_text,
     ensure_disjoint,
     read_text_file,
     self_generated_text,
+    split_heldout,
     token_windows,
     wiki_paragraphs,
 )
@@ -51,33 +51,6 @@ def test_seeded_windows_are_deterministic_and_disjoint(tiny_tokenizer, sentences
         starts.append(start)
     starts.sort()
     assert all(later - earlier >= 16 for earlier, later in pairwise(starts))
-
-
-def _starts(ids: list[int], windows: torch.Tensor) -> list[int]:
-    """Where each window starts in ``ids`` (each is found exactly once in aperiodic text)."""
-    n = windows.shape[1]
-    return sorted(
-        next(i for i in range(len(ids) - n + 1) if ids[i : i + n] == row)
-        for row in windows.tolist()
-    )
-
-
-def test_held_out_calibration_windows_are_text_no_calibration_window_covers(
-    tiny_tokenizer, sentences
-):
-    words = " ".join(sentences).split()
-    text = " ".join(random.Random(0).choices(words, k=400))
-    calib, held = calibration_split(tiny_tokenizer, text, 16, 5, seed=1, heldout=4)
-    assert torch.equal(calib, token_windows(tiny_tokenizer, text, 16, 5, seed=1))  # no change
-    assert held.shape == (4, 16)
-    ids = tiny_tokenizer(text, add_special_tokens=False).input_ids
-    used = [range(s, s + 16) for s in _starts(ids, calib)]
-    for start in _starts(ids, held):
-        assert not any(start in r or start + 15 in r for r in used)
-    # All 25 windows' worth of text used for calibration: nothing is left to hold out.
-    room = len(ids) // 16
-    full, none = calibration_split(tiny_tokenizer, text, 16, room, seed=1)
-    assert full.shape == (room, 16) and none.shape == (0, 16)
 
 
 def test_bos_follows_the_tokenizer(tiny_tokenizer, tiny_bos_tokenizer, text):
@@ -243,3 +216,11 @@ def test_wiki_paragraphs_keeps_link_text_and_drops_markup():
     (paragraph,) = wiki_paragraphs(markup, min_chars=50)
     assert paragraph.startswith("Albedo is the reflection of light by a surface")
     assert "the source for more" in paragraph and "Some book" not in paragraph
+
+
+def test_the_held_out_tail_of_a_calibration_text_is_never_calibrated_on():
+    paragraphs = [f"paragraph {i} " + "word " * 5 for i in range(30)]
+    fit, held = split_heldout("\n\n".join(paragraphs))
+    assert fit == "\n\n".join(paragraphs[:27]) and held == "\n\n".join(paragraphs[27:])
+    fit, held = split_heldout("one two three four five six seven eight nine ten")
+    assert (fit, held) == ("one two three four five six seven eight", "nine ten")

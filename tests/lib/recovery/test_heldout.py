@@ -81,7 +81,7 @@ def test_a_neutral_step_is_not_warned_about_and_report_json_carries_the_check(pr
 def test_the_session_holds_out_calibration_text_for_the_check(tiny_session):
     ex = tiny_session
     assert ex.heldout is not None and ex.heldout.shape[0] >= 1
-    assert ex.heldout.shape[1] == ex.calibration.shape[1]
+    assert ex.heldout.shape[1] == ex.evaluation.shape[1]  # windows of the calibration text's tail
     sel = ex.select(Plan(criterion="l2", target=0.3))
     _, (report,) = ex.recover(sel, [{"step": "layerwise"}])
     assert {"heldout_before", "heldout_after"} <= set(report)
