@@ -467,8 +467,14 @@ def plan_traces(
         },
         showlegend=False,
     )
-    kept: dict[str, list] = {"x": [], "y": [], "ids": [], "color": [], "size": [], "hover": []}
-    removed: dict[str, list] = {"x": [], "y": [], "ids": [], "size": [], "hover": [], "symbol": []}
+    kept_name, removed_name = (
+        "kept unit (colour: importance rank, dark = low)",
+        "removed by the plan",
+    )
+    groups: dict[str, dict[str, list]] = {
+        name: {key: [] for key in ("x", "y", "ids", "hover", "color", "size", "symbol")}
+        for name in (kept_name, removed_name)
+    }
     titles = {"head": "query head", "mlp": "MLP channel"}
     for layer in layers:
         if _collapsed(spans[layer]):
@@ -480,54 +486,34 @@ def plan_traces(
             slots = unit_positions(spans[layer], kind, count)
             for unit, (x, y) in zip(display_order(marks, kind, layer, count), slots, strict=True):
                 about = f"layer {layer}, {titles[kind]} {unit}"
+                shade = float(marks.shades[kind][layer, unit]) if kind in marks.shades else 0.5
                 if kind in marks.scores:
                     score = float(marks.scores[kind][layer, unit])
-                    rank = float(marks.shades[kind][layer, unit])
-                    about += f"<br>{marks.criterion} {score:.3g} (rank {rank:.0%} of the model's)"
-                group = removed if unit in gone else kept
+                    about += f"<br>{marks.criterion} {score:.3g} (rank {shade:.0%} of the model's)"
+                removed = unit in gone
+                group = groups[removed_name if removed else kept_name]
                 group["x"].append(x)
                 group["y"].append(y)
                 group["ids"].append(f"{kind}:{layer}:{unit}")
-                if unit in gone:
-                    group["size"].append(size + (2 if kind == "head" else 0))
-                    group["symbol"].append("x" if kind == "head" else "square")
-                    group["hover"].append(f"{about}<br>removed by the plan")
-                else:
-                    shade = float(marks.shades[kind][layer, unit]) if kind in marks.shades else 0.5
-                    group["color"].append(shade_colour(shade))
-                    group["size"].append(size)
-                    group["hover"].append(about)
+                group["hover"].append(f"{about}<br>removed by the plan" if removed else about)
+                group["color"].append(REMOVED_COLOUR if removed else shade_colour(shade))
+                group["size"].append(size + 2 if removed and kind == "head" else size)
+                group["symbol"].append("x" if removed and kind == "head" else "square")
     traces = [strip]
-    if kept["x"]:
-        traces.append(
-            go.Scatter(
-                x=kept["x"],
-                y=kept["y"],
-                ids=kept["ids"],
-                mode="markers",
-                name="kept unit (colour: importance rank, dark = low)",
-                hovertext=kept["hover"],
-                hoverinfo="text",
-                marker={"color": kept["color"], "size": kept["size"], "symbol": "square"},
+    for name, group in groups.items():
+        if group["x"]:
+            traces.append(
+                go.Scatter(
+                    x=group["x"],
+                    y=group["y"],
+                    ids=group["ids"],
+                    mode="markers",
+                    name=name,
+                    hovertext=group["hover"],
+                    hoverinfo="text",
+                    marker={k: group[k] for k in ("color", "size", "symbol")},
+                )
             )
-        )
-    if removed["x"]:
-        traces.append(
-            go.Scatter(
-                x=removed["x"],
-                y=removed["y"],
-                ids=removed["ids"],
-                mode="markers",
-                name="removed by the plan",
-                hovertext=removed["hover"],
-                hoverinfo="text",
-                marker={
-                    "color": REMOVED_COLOUR,
-                    "size": removed["size"],
-                    "symbol": removed["symbol"],
-                },
-            )
-        )
     return traces
 
 
