@@ -120,6 +120,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--eval-length", type=int, default=256, help="evaluation window length")
     p.add_argument("--eval-windows", type=int, default=None, help="limit evaluation windows")
+    p.add_argument(
+        "--offdomain-windows",
+        type=int,
+        default=20,
+        help="windows of 256 tokens of the second text domain (Wikipedia leads) reported next to "
+        "the evaluation text (0: skip)",
+    )
 
 
 def recovery_entry(text: str) -> dict:
@@ -252,6 +259,27 @@ def open_explorer(plan: Plan, args: argparse.Namespace) -> Explorer:
     )
 
 
+def second_domain(ex: Explorer, sel: Selection, live: list, recovered, windows: int) -> dict:
+    """Dense and pruned perplexity on the off-domain text (and previewed / recovered), printed."""
+    n = windows
+    out = {"text": "builtin offdomain (Wikipedia lead paragraphs)", "windows": n, "length": 256}
+    out["dense"] = _with_bar("off-domain dense", ex.offdomain_perplexity, Selection(), windows=n)
+    out["pruned"] = _with_bar("off-domain pruned", ex.offdomain_perplexity, sel, windows=n)
+    line = f"off-domain ({n} x 256 tokens): dense {out['dense']:.2f} -> pruned {out['pruned']:.2f}"
+    if live:
+        out["preview"] = _with_bar(
+            "off-domain preview", ex.offdomain_perplexity, sel, live, None, n
+        )
+        line += f", with the live steps {out['preview']:.2f}"
+    if recovered is not None:
+        out["after"] = _with_bar(
+            "off-domain recovered", ex.offdomain_perplexity, sel, (), recovered, n
+        )
+        line += f", after recovery {out['after']:.2f}"
+    print(line)
+    return out
+
+
 def run(plan: Plan, args: argparse.Namespace) -> dict:
     """Score, select, evaluate (and export): prints a report, returns it as a dict."""
     started = time.perf_counter()
@@ -298,6 +326,9 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         print(f"after recovery ({', '.join(s['step'] for s in steps)}): perplexity {recovered:.2f}")
         for warning in recovery_warnings(steps):
             print(f"warning: {warning}")
+    offdomain = {}
+    if getattr(args, "offdomain_windows", 0):
+        offdomain = second_domain(ex, sel, live, pruned_model, args.offdomain_windows)
     if getattr(args, "prompt", None):
         print(f"\nprompt: {args.prompt}")
         print("dense :", ex.generate(Selection(), args.prompt)[0])
@@ -314,6 +345,8 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
     )
     if live:
         report["perplexity_preview"] = previewed
+    if offdomain:
+        report["offdomain"] = offdomain
     if args.out:
         from .export.writer import export_model
 
@@ -417,7 +450,7 @@ def fetch(model: str) -> None:
 
 def check_outputs(plan: Plan, args: argparse.Namespace) -> None:
     """Refuse bad counts and unusable output paths before the model loads, not after scoring."""
-    for name, least in (("eval_windows", 1), ("eval_length", 2)):
+    for name, least in (("eval_windows", 1), ("eval_length", 2), ("offdomain_windows", 0)):
         value = getattr(args, name)
         if value is not None and value < least:
             flag = "--" + name.replace("_", "-")

@@ -19,7 +19,7 @@ from .apply.preview import LivePreview
 from .apply.pruning import prune_model
 from .apply.sensitivity import Point, Sensitivity, sweep
 from .catalogue import CRITERIA, RECOVERY_STEPS
-from .data import TextSource, ensure_disjoint, split_heldout, token_windows
+from .data import TextSource, builtin_text, ensure_disjoint, split_heldout, token_windows
 from .errors import DataError
 from .evaluate import PerplexityStep, generate, perplexity, token_logprobs
 from .model.families import family_for
@@ -35,6 +35,7 @@ from .scoring.statistics import Needs, Statistics, collect_statistics
 from .text_safety import check_length
 
 HELDOUT_WINDOWS = 4
+OFFDOMAIN_WINDOWS = 20
 
 
 def heldout_windows_of(tokenizer, text: str, length: int, n: int) -> torch.Tensor | None:
@@ -66,6 +67,9 @@ class Explorer:
     _live: LivePreview | None = field(default=None, init=False, repr=False)
     _compensations: dict[str, Compensation] = field(default_factory=dict, init=False, repr=False)
     _sensitivity: dict[str, Sensitivity] = field(default_factory=dict, init=False, repr=False)
+    _offdomain: dict[tuple[int, int], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.structure = StructureMap(self.workspace.model, family_for(self.workspace.model))
@@ -351,6 +355,38 @@ class Explorer:
         for step in self.iter_perplexity(selection, steps):
             if progress:
                 progress(step.done / step.total, f"perplexity {step.perplexity:.2f}")
+        return step.perplexity
+
+    def offdomain(self, windows: int = OFFDOMAIN_WINDOWS, length: int = 256) -> torch.Tensor:
+        """Windows of the second text domain (``builtin_text("offdomain")``, Wikipedia leads).
+
+        Calibration and recovery never read it, so a quality figure here next to the evaluation
+        text's tells repair from adaptation to the calibration text's domain.
+        """
+        key = (windows, length)
+        if key not in self._offdomain:
+            text = builtin_text("offdomain")
+            self._offdomain[key] = token_windows(self.workspace.tokenizer, text, length, windows)
+        return self._offdomain[key]
+
+    def offdomain_perplexity(
+        self,
+        selection: Selection,
+        steps: Sequence[dict] = (),
+        model: torch.nn.Module | None = None,
+        windows: int = OFFDOMAIN_WINDOWS,
+        progress: Progress | None = None,
+    ) -> float:
+        """Perplexity on the second domain: of ``selection`` with the live ``steps`` (the preview's
+        number there), or of a separate ``model`` (e.g. after recovery) when given."""
+        ids = self.offdomain(windows)
+        if model is not None:
+            return perplexity(model, ids)
+        live = LivePreview(self.model, self.structure, ids, batch_size=1)
+        step = None
+        for step in live.run(selection, self.compensation(steps, progress)):
+            if progress:
+                progress(step.done / step.total, f"off-domain perplexity {step.perplexity:.2f}")
         return step.perplexity
 
     def generate(
