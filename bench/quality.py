@@ -53,6 +53,13 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--source", nargs="+", default=["lee"], choices=("lee", "generated"))
     parser.add_argument("--damping", type=float, nargs="+", default=[0.01])
+    parser.add_argument(
+        "--sensitivity-damping",
+        type=float,
+        nargs="+",
+        default=None,
+        help="dampings of the sensitivity allocation (each a sweep of its own; default --damping)",
+    )
     parser.add_argument("--allocation", nargs="+", default=["global"])
     parser.add_argument("--max-ratio", type=optional, nargs="+", default=[None])
     parser.add_argument("--criterion", default="surgeon_greedy")
@@ -92,8 +99,13 @@ def main() -> None:
             for alloc in args.allocation:
                 for cap in args.max_ratio:
                     for protect in args.protect:
+                        sweep_alloc = alloc == "sensitivity"
                         for damping, target, metric in itertools.product(
-                            args.damping, args.target, args.metric
+                            args.sensitivity_damping or args.damping
+                            if sweep_alloc
+                            else args.damping,
+                            args.target,
+                            args.metric if sweep_alloc else args.metric[:1],
                         ):
                             steps = [{"step": "surgeon", "damping": damping}]
                             plan = Plan(
