@@ -130,6 +130,7 @@ def main() -> None:
                             row["resolve_s"] = round(time.perf_counter() - t1, 1)
                             row["plan"] = plan.to_dict()
                             row["mlp_removed"] = {k: len(v) for k, v in sel.mlp.items()}
+                            row["selection"] = sel.to_dict()
                             row.update(
                                 source=source,
                                 windows=n,
