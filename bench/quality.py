@@ -131,6 +131,9 @@ def main() -> None:
                             row["plan"] = plan.to_dict()
                             row["mlp_removed"] = {k: len(v) for k, v in sel.mlp.items()}
                             row["selection"] = sel.to_dict()
+                            if sweep_alloc:  # replayable: `prune --sensitivity FILE`
+                                sweep_file = args.log.with_name(f"sweep_d{damping}.json")
+                                sweep_file.write_text(ex.known_sensitivity(plan).to_json())
                             row.update(
                                 source=source,
                                 windows=n,
