@@ -131,6 +131,7 @@ def build_app(
                 plan_panel, session, calibrated, "show_plan" if public else None
             )
             heads.refresh_event(heads_panel, session, shown, "show_heads" if public else None)
+            structure.follow(structure_panel, session, [shown])  # the plan, once it is scored
             importance.refresh_event(importance_panel, session, shown, None)
 
         structure.wire(structure_panel, session)
@@ -145,6 +146,8 @@ def build_app(
                 api_visibility="private",
                 show_progress="hidden",
             )
+        structure.follow(structure_panel, session, plan_events)
+        heads.follow(heads_panel, session, plan_events)
         preview.wire(preview_panel, session, plan_events)
         sensitivity.wire(sensitivity_panel, session, plan_events)
         recovery.wire(recovery_panel, session, plan_events, plan_panel.save)

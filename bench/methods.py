@@ -30,7 +30,7 @@ from _common import machine_line, write_result
 from explorer.apply.masking import masked
 from explorer.apply.pruning import prune_model
 from explorer.catalogue import CRITERIA, RECOVERY_STEPS
-from explorer.data import builtin_text, token_windows
+from explorer.data import builtin_text, split_heldout, token_windows
 from explorer.evaluate import generate, perplexity
 from explorer.model.loading import load_model
 from explorer.planning.plan import Plan, allocate
@@ -109,6 +109,7 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     pruned: dict[str, tuple] = field(default_factory=dict)  # method key -> prune() result
     _dense_off: float | None = None
+    distill_windows: torch.Tensor | None = None  # distillation's own text (else calibration's)
 
     # -- pruning --------------------------------------------------------------------------------------
     def prune(self, m: Method) -> tuple[torch.nn.Module, object, float]:
@@ -190,6 +191,8 @@ class Bench:
             elif step != "none":
                 ex = self.small if m.small_calibration else self.ex
                 context = self.context(model, sel, ex)
+                if step == "distill" and self.distill_windows is not None:
+                    context = replace(context, windows=self.distill_windows)
                 (report,) = run_steps([self.step_entry(step)], context, RECOVERY_STEPS)
                 if report.get("losses"):
                     losses = report["losses"]
@@ -267,7 +270,8 @@ class Bench:
                 f"{a.distill_lr}, T {a.distill_temperature}, top-k {a.distill_top_k or 'all'}, "
                 f"hidden weight {a.distill_hidden}, "
                 f"{'LoRA rank ' + str(a.distill_lora_rank) if a.distill_lora_rank else 'all block weights'}"
-                f"{', on self-generated text' if a.distill_generated else ''}. "
+                f"{', on self-generated text' if a.distill_generated else ''}"
+                f"{f' on {a.distill_windows} x 256 fresh lee_background windows' if a.distill_windows else ''}. "
                 "Time: pruning (calibration pass share, scoring, updates) plus recovery, "
                 "evaluation excluded, as wall seconds and as CPU seconds of the benchmark process "
                 "(all its threads; on a shared machine the wall time inflates, the CPU time much "
@@ -415,6 +419,13 @@ def main() -> None:
     parser.add_argument("--distill-hidden", type=float, default=0.0)
     parser.add_argument("--distill-lora-rank", type=int, default=0)
     parser.add_argument("--distill-generated", action="store_true")
+    parser.add_argument(
+        "--distill-windows",
+        type=int,
+        default=0,
+        help="distil on this many 256-token windows of the calibration text's fit part "
+        "(seed 1; 0: on the calibration windows)",
+    )
     parser.add_argument("--mix-depth", type=int, default=2, help="layers the 20%% mix removes")
     parser.add_argument("--mix-depth-half", type=int, default=4, help="... and the 50%% mix")
     parser.add_argument("--surgeon-windows", type=int, default=16)
@@ -424,22 +435,35 @@ def main() -> None:
     parser.add_argument("--greedy-half", default="obs", help="greedy criterion of the 50%% row")
     parser.add_argument("--best", default=None, help="a candidates() label: skip the selection")
     parser.add_argument("--rows", nargs="+", default=ROWS, help="method:recovery entries")
+    parser.add_argument(
+        "--recipe",
+        nargs="+",
+        default=[],
+        metavar="KEY=PLAN.json",
+        help="plan JSONs as methods KEY (their recovery steps are the method's own)",
+    )
     parser.add_argument("--device", default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
     torch.manual_seed(0)
     ws = load_model("smollm2-135m", device=args.device)
-    docs = builtin_text("calibration").split("\n\n")
-    cut = len(docs) - len(docs) // 10
-    fit_text, held_text = "\n\n".join(docs[:cut]), "\n\n".join(docs[cut:])
-    evaluation = builtin_text("evaluation")
+    calibration, evaluation = builtin_text("calibration"), builtin_text("evaluation")
+    # The library calibrates on the first 9/10 of the documents; the last tenth is the held-out.
     ex = Explorer.from_texts(
-        ws, fit_text, evaluation, calibration_windows=args.windows, calibration_length=args.length
+        ws,
+        calibration,
+        evaluation,
+        calibration_windows=args.windows,
+        calibration_length=args.length,
+        heldout_windows=args.selection_windows,
     )
-    small = Explorer.from_texts(ws, fit_text, evaluation)
-    held = token_windows(ws.tokenizer, held_text, 256, args.selection_windows)
+    small = Explorer.from_texts(ws, calibration, evaluation)
+    held = ex.heldout
     offdomain = token_windows(ws.tokenizer, builtin_text("offdomain"), 256, 20)
     bench = Bench(ex, small, held, offdomain, args)
+    if args.distill_windows:
+        fit, _ = split_heldout(calibration)
+        bench.distill_windows = token_windows(ws.tokenizer, fit, 256, args.distill_windows, seed=1)
     print("dense", ex.dense_perplexity(), flush=True)
 
     # One forward-only pass for every forward-only criterion, on the large calibration set.
@@ -472,10 +496,16 @@ def main() -> None:
         shots=args.greedy_shots,
         surgeon_windows=False,
     )
+    for entry in args.recipe:
+        key, path = entry.split("=", 1)
+        plan = Plan.load(path)
+        steps = ", ".join(e["step"] for e in plan.recovery) or "no update"
+        label = f"{Path(path).stem} ({plan.criterion}, {plan.allocation}, {steps})"
+        table[key] = Method(key, label, plan, own_steps=list(plan.recovery))
     for entry in args.rows:
         key, recovery = entry.split(":")
         bench.run_row(table[key], recovery)
-        if key in HALF_KEYS:
+        if key in HALF_KEYS or (table[key].plan.target or 0) >= 0.5:
             bench.sample(table[key], recovery)
 
 

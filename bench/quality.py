@@ -24,7 +24,7 @@ from _common import machine_line
 
 from explorer.apply.preview import LivePreview
 from explorer.catalogue import CRITERIA
-from explorer.data import builtin_text, self_generated_text, token_windows
+from explorer.data import builtin_text, self_generated_text, split_heldout, token_windows
 from explorer.evaluate import perplexity
 from explorer.model.loading import load_model
 from explorer.planning.plan import Plan
@@ -36,9 +36,10 @@ def optional(text: str) -> float | None:
     return None if text.lower() == "none" else float(text)
 
 
-def texts(source: str, ws, fit_text: str) -> str:
+def texts(source: str, ws) -> str:
+    """The calibration text of ``source``; the library holds its last tenth out."""
     if source == "lee":
-        return fit_text
+        return builtin_text("calibration")
     return self_generated_text(ws.model, ws.tokenizer, n_samples=72, length=256, seed=0)
 
 
@@ -46,10 +47,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--target", type=float, nargs="+", default=[0.2])
     parser.add_argument("--sensitivity-windows", type=int, default=4)
+    parser.add_argument("--heldout-windows", type=int, default=16, help="for choosing settings")
+    parser.add_argument("--metric", nargs="+", default=["kl"], choices=("kl", "perplexity"))
     parser.add_argument("--windows", type=int, nargs="+", default=[32])
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--source", nargs="+", default=["lee"], choices=("lee", "generated"))
     parser.add_argument("--damping", type=float, nargs="+", default=[0.01])
+    parser.add_argument(
+        "--sensitivity-damping",
+        type=float,
+        nargs="+",
+        default=None,
+        help="dampings of the sensitivity allocation (each a sweep of its own; default --damping)",
+    )
     parser.add_argument("--allocation", nargs="+", default=["global"])
     parser.add_argument("--max-ratio", type=optional, nargs="+", default=[None])
     parser.add_argument("--criterion", default="surgeon_greedy")
@@ -60,26 +70,28 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     ws = load_model("smollm2-135m")
-    docs = builtin_text("calibration").split("\n\n")
-    cut = len(docs) - len(docs) // 10
-    fit_text, held_text = "\n\n".join(docs[:cut]), "\n\n".join(docs[cut:])
+    # Every source's settings are compared on the same held-out tail of lee_background.
+    _, held_text = split_heldout(builtin_text("calibration"))
+    # Its first windows are the sweep's (the session's held-out), so choices use the ones after.
+    sweep_n = args.sensitivity_windows
+    held = token_windows(ws.tokenizer, held_text, 256, sweep_n + args.heldout_windows)[sweep_n:]
     lee = token_windows(ws.tokenizer, builtin_text("evaluation"), 256, 20)
     off = token_windows(ws.tokenizer, builtin_text("offdomain"), 256, 20)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     print(machine_line_for(ws), flush=True)
     for source in args.source:
-        text = texts(source, ws, fit_text)
+        text = texts(source, ws)
         for n in args.windows:
             t0 = time.perf_counter()
-            # The session's own evaluation windows are the held-out slice: the sensitivity sweep
-            # and every choice run there, never on lee.cor.
+            # The sweep runs on the session's held-out windows (the calibration text's tail),
+            # every choice on ``held``: never on lee.cor or the off-domain text.
             ex = Explorer.from_texts(
                 ws,
                 text,
-                held_text,
+                builtin_text("evaluation"),
                 calibration_windows=n,
                 calibration_length=args.length,
-                evaluation_windows=4,
+                evaluation_windows=20,
             )
             ex.statistics(CRITERIA[args.criterion].needs | UPDATE_NEEDS)
             ex.scores(args.criterion)
@@ -87,7 +99,14 @@ def main() -> None:
             for alloc in args.allocation:
                 for cap in args.max_ratio:
                     for protect in args.protect:
-                        for damping, target in itertools.product(args.damping, args.target):
+                        sweep_alloc = alloc == "sensitivity"
+                        for damping, target, metric in itertools.product(
+                            args.sensitivity_damping or args.damping
+                            if sweep_alloc
+                            else args.damping,
+                            args.target,
+                            args.metric if sweep_alloc else args.metric[:1],
+                        ):
                             steps = [{"step": "surgeon", "damping": damping}]
                             plan = Plan(
                                 criterion=args.criterion,
@@ -102,12 +121,19 @@ def main() -> None:
                                 recovery=steps,
                                 sensitivity_ratios=args.ratios,
                                 sensitivity_windows=args.sensitivity_windows,
+                                sensitivity_metric=metric,
                             )
                             t1 = time.perf_counter()
                             sel = ex.select(plan, progress=log)
-                            row = measure(ex, sel, steps, {"lee": lee, "offdomain": off})
+                            texts_ = {"heldout": held, "lee": lee, "offdomain": off}
+                            row = measure(ex, sel, steps, texts_)
                             row["resolve_s"] = round(time.perf_counter() - t1, 1)
                             row["plan"] = plan.to_dict()
+                            row["mlp_removed"] = {k: len(v) for k, v in sel.mlp.items()}
+                            row["selection"] = sel.to_dict()
+                            if sweep_alloc:  # replayable: `prune --sensitivity FILE`
+                                sweep_file = args.log.with_name(f"sweep_d{damping}.json")
+                                sweep_file.write_text(ex.known_sensitivity(plan).to_json())
                             row.update(
                                 source=source,
                                 windows=n,
@@ -116,6 +142,7 @@ def main() -> None:
                                 max_ratio=cap,
                                 protect=protect,
                                 damping=damping,
+                                metric=metric,
                                 target=target,
                                 criterion=args.criterion,
                                 scoring_s=round(score_s, 1),
@@ -129,10 +156,10 @@ def log(fraction: float, message: str) -> None:
     print(f"  {fraction:4.0%} {message}", file=sys.stderr, flush=True)
 
 
-def measure(ex: Explorer, sel, steps, others: dict) -> dict:
-    """Held-out, lee.cor and off-domain perplexity of ``sel`` with ``steps`` applied live."""
-    out = {"heldout": ex.perplexity(sel, steps=steps), "heldout_dense": ex.dense_perplexity()}
-    for name, windows in others.items():
+def measure(ex: Explorer, sel, steps, texts_: dict) -> dict:
+    """Perplexity of ``sel`` with ``steps`` applied live on each of ``texts_``, and the dense."""
+    out = {}
+    for name, windows in texts_.items():
         live = LivePreview(ex.model, ex.structure, windows, batch_size=1)
         out[name] = live.perplexity(sel, ex.compensation(steps))
         out[f"{name}_dense"] = dense(ex, name, windows)

@@ -21,6 +21,7 @@ from explorer.errors import ExplorerError, ExportError
 from explorer.export.gguf_writer import GGUF_TYPES, SOURCE
 from explorer.export.report import pruning_report
 from explorer.export.writer import export_model
+from explorer.recovery.heldout import recovery_warnings
 from explorer.zero_shot import task_names, zero_shot
 
 from .preview import measuring, perplexities
@@ -115,8 +116,15 @@ def run_zero_shot(panel: ExportPanel, state: gr.State, values: dict) -> dict:
         raise user_error(exc) from exc
 
 
-def checklist(done: list[str], current: str | None, failed: str | None = None) -> str:
-    items = [f"<li>✓ {escape(m)}</li>" for m in done]
+class Caution(str):
+    """A message of the export's worker that is a warning, not a check (shown first, in amber)."""
+
+
+def checklist(
+    done: list[str], current: str | None, failed: str | None = None, cautions: list[str] = ()
+) -> str:
+    items = [f'<li class="pe-warn">⚠ {escape(m)}</li>' for m in cautions]
+    items += [f"<li>✓ {escape(m)}</li>" for m in done]
     if current:
         items.append(f"<li>… {escape(current)}</li>")
     if failed:
@@ -149,13 +157,17 @@ def run_export(panel: ExportPanel, state: gr.State, values: dict, request: gr.Re
     def work(emit):
         dense, pruned = perplexities(loaded, selection, lambda item: emit(measuring(item)), known)
         model = recovered_ppl = None
+        reports: list[dict] = []
         if plan.recovery:
             done = recovered or recover(loaded, selection, plan.recovery, emit, made_for)
             session.recovered = done
-            recovered_ppl = done.perplexity
-            model = done.model
+            recovered_ppl, model, reports = done.perplexity, done.model, done.reports
+            for warning in recovery_warnings(reports):  # said before anything is written
+                emit(Caution(warning))
         sizes = ex.sizes(selection)
-        report = pruning_report(plan, sizes, ex.evaluation.shape, dense, pruned, recovered_ppl)
+        report = pruning_report(
+            plan, sizes, ex.evaluation.shape, dense, pruned, recovered_ppl, recovery_reports=reports
+        )
         return export_model(
             ex.model,
             ex.workspace.tokenizer,
@@ -173,25 +185,34 @@ def run_export(panel: ExportPanel, state: gr.State, values: dict, request: gr.Re
         )
 
     done: list[str] = []
+    cautions: list[str] = []
     current = None
     try:
         for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "done":
                 result = value
                 break
-            if current is not None and _step(current) != _step(value):
-                done.append(current)
-            current = value
-            yield {panel.checks: checklist(done, current)}
+            if isinstance(value, Caution):
+                cautions.append(value)
+                gr.Warning(value, duration=20)
+            else:
+                if current is not None and _step(current) != _step(value):
+                    done.append(current)
+                current = value
+            yield {panel.checks: checklist(done, current, cautions=cautions)}
         else:
             yield {
-                panel.checks: checklist(done, None, "Stopped."),
+                panel.checks: checklist(done, None, "Stopped.", cautions),
                 panel.report: None,
                 panel.files: None,
             }
             return
     except ExportError as exc:
-        yield {panel.checks: checklist(done, None, str(exc)), panel.report: None, panel.files: None}
+        yield {
+            panel.checks: checklist(done, None, str(exc), cautions),
+            panel.report: None,
+            panel.files: None,
+        }
         raise user_error(exc) from exc
     except ExplorerError as exc:
         raise user_error(exc) from exc
@@ -208,7 +229,7 @@ def run_export(panel: ExportPanel, state: gr.State, values: dict, request: gr.Re
         + (" (load with trust_remote_code=True)" if result.remote_code else "")
     )
     yield {
-        panel.checks: checklist(done, None),
+        panel.checks: checklist(done, None, cautions=cautions),
         panel.report: result.report,
         panel.files: downloads(session, result.path),
     }

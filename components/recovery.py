@@ -20,6 +20,7 @@ from explorer.catalogue import RECOVERY_STEPS
 from explorer.errors import ExplorerError, PlanError
 from explorer.evaluate import iter_perplexity
 from explorer.planning.selection import Selection
+from explorer.recovery.heldout import recovery_warnings
 from explorer.recovery.steps import RecoveryStep
 
 from .plan import plan_file
@@ -282,11 +283,11 @@ def run_recovery(panel: RecoverPanel, state: gr.State, values: dict, request: gr
             session.pruned_ppl, session.preview_plan = pruned, session.pruning_json()
             session.recovered = done
             change = done.perplexity / pruned - 1 if pruned else math.nan
-            message = status(
+            result = (
                 f"Done on {loaded.explorer.evaluation.shape[0]} windows: pruned {pruned:.3f} → "
-                f"recovered {done.perplexity:.3f} ({change:+.1%}); dense {dense:.3f}.",
-                "ok",
+                f"recovered {done.perplexity:.3f} ({change:+.1%}); dense {dense:.3f}."
             )
+            message = done_status(result, recovery_warnings(done.reports))
             yield {
                 state: session,
                 panel.status: message,
@@ -300,6 +301,16 @@ def run_recovery(panel: RecoverPanel, state: gr.State, values: dict, request: gr
     except ExplorerError as exc:
         raise user_error(exc) from exc
     yield {state: session, panel.status: stopped()}
+
+
+def done_status(result: str, warnings: list[str]) -> str:
+    """The finished run's status line: a warning (also a toast) when a step made the model worse
+    on the held-out calibration windows, so the user knows before exporting it."""
+    if not warnings:
+        return status(result, "ok")
+    for warning in warnings:
+        gr.Warning(warning, duration=20)
+    return status(f"{result} {' '.join(warnings)}", "warn")
 
 
 def wire(panel: RecoverPanel, session: gr.State, plan_events: list, plan_save) -> None:

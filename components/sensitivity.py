@@ -1,7 +1,8 @@
 """Plan tab, sensitivity: measure what cutting each layer alone costs, and see the plan against it.
 
 *Measure sensitivity* runs the sweep the session's plan asks for (its criterion, its live
-recovery steps, ``sensitivity_ratios`` on ``sensitivity_windows`` evaluation windows), streaming
+recovery steps, ``sensitivity_ratios`` on ``sensitivity_windows`` windows of the calibration text's held-out
+tail, never the evaluation text), streaming
 each point with a Stop; the result is cached on the shared session, so the ``sensitivity``
 allocation and every later redraw reuse it. The heatmap and the per-layer curves carry the
 current plan's share per layer, redrawn on every plan change.
@@ -81,7 +82,8 @@ def run_sweep(session: SessionState, kind: str, request: gr.Request):
     yield (
         status(
             f"Measuring {', '.join(request_.kinds)} of every layer at {request_.ratios} on "
-            f"{request_.windows[0]} x {request_.windows[1]} tokens (criterion {plan.criterion}, "
+            f"{request_.windows[0]} x {request_.windows[1]} tokens of {request_.text} text "
+            f"(criterion {plan.criterion}, "
             f"live steps: {steps})…"
         ),
         gr.skip(),

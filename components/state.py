@@ -347,6 +347,6 @@ def human(n: float) -> str:
 
 
 def status(message: str, kind: str = "info") -> str:
-    """A one-line status box (``kind``: info, ok, error) as HTML for a ``gr.HTML``."""
-    icon = {"info": "ℹ", "ok": "✓", "error": "⚠"}[kind]
+    """A one-line status box (``kind``: info, ok, warn, error) as HTML for a ``gr.HTML``."""
+    icon = {"info": "ℹ", "ok": "✓", "warn": "⚠", "error": "⚠"}[kind]
     return f'<div class="pe-status pe-{kind}">{icon} {escape(message)}</div>'

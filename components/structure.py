@@ -8,10 +8,17 @@ column. The residual stream is a bus along the bottom: every hidden channel is s
 that reads or writes it. Clicking a node (or choosing it in the list) highlights every module its
 groups span and lists the slices one unit owns with its parameter count; all of that is read from
 ``StructureMap.members``, so the picture cannot disagree with what pruning removes.
+
+The current plan is drawn on it (``plan_marks``): a strip along the top with one cell per layer,
+the share of the layer's parameters the plan keeps; under each expanded layer its query heads (in
+order) and its MLP channels (sorted by importance rank, so the cut shows as one block), coloured
+by their importance rank under the plan's criterion, the removed ones red (heads as crosses); a
+removed layer's node is a red cross. It is redrawn on every plan change.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import gradio as gr
@@ -19,6 +26,7 @@ import plotly.graph_objects as go
 
 from explorer.model.structure import Group, Kind, StructureMap
 
+from .plan_marks import KEPT_SCALE, REMOVED_COLOUR, PlanMarks, current_marks, shade_colour
 from .state import SHARED, SessionState, api, handler, human
 
 KIND_TITLES: dict[str, str] = {
@@ -42,6 +50,9 @@ LINEAR_POSITIONS = {
     "down": (4.8, 2.0),
 }
 EXPANDED_WIDTH, COLLAPSED_WIDTH, BUS_Y, NORM_Y = 6.0, 1.0, 0.0, 4.0
+STRIP_Y = NORM_Y + 1.6  # the per-layer strip of the share kept
+UNITS_TOP, UNITS_DEPTH = BUS_Y - 0.45, 1.5  # where an expanded layer's units sit, below the bus
+MLP_COLUMNS = 48
 
 
 @dataclass
@@ -253,8 +264,11 @@ def dependency_figure(
     selected: str | None = None,
     show_hidden: bool = False,
     only_expanded: bool = False,
+    marks: PlanMarks | None = None,
 ) -> go.Figure:
+    """The graph; with ``marks`` the plan on it (strip of shares kept, units, removed ones)."""
     pos = layout(structure, expanded, only_expanded)
+    spans = layer_spans(structure, pos)
     lit = coupled_nodes(structure, selected) if selected in pos else set()
     fig = go.Figure()
     left, right = min(x for x, _ in pos.values()), max(x for x, _ in pos.values())
@@ -292,15 +306,21 @@ def dependency_figure(
                 hoverinfo="skip",
             )
         )
+    if marks is not None:
+        for trace in plan_traces(structure, spans, marks):
+            fig.add_trace(trace)
+    gone = set(marks_removed_layers(structure, marks)) if marks is not None else set()
     nodes = list(pos)
-    colours, sizes, texts, hovers, lines = [], [], [], [], []
+    colours, sizes, texts, hovers, lines, symbols = [], [], [], [], [], []
     for node in nodes:
         colour, size, label, hover = _node_look(structure, node)
-        colours.append(colour)
+        removed = structure_layer(structure, node) in gone
+        colours.append(REMOVED_COLOUR if removed else colour)
         sizes.append(size)
         texts.append(label)
-        hovers.append(hover)
+        hovers.append(f"{hover}<br>removed by the plan" if removed else hover)
         lines.append(3 if node in lit else 0.5)
+        symbols.append("x" if removed else "circle")
     fig.add_trace(
         go.Scatter(
             x=[pos[n][0] for n in nodes],
@@ -315,6 +335,7 @@ def dependency_figure(
             marker={
                 "color": colours,
                 "size": sizes,
+                "symbol": symbols,
                 "opacity": [1.0 if not lit or n in lit else 0.25 for n in nodes],
                 "line": {
                     "color": ["#D62728" if n in lit else "#333" for n in nodes],
@@ -325,16 +346,12 @@ def dependency_figure(
         )
     )
     for layer in sorted(expanded):
-        xs = [
-            x
-            for node, (x, _) in pos.items()
-            if structure.graph.nodes.get(node, {}).get("layer") == layer
-        ]
-        if xs:
+        if layer in spans and not _collapsed(spans[layer]):
+            low, high = spans[layer]
             fig.add_shape(
                 type="rect",
-                x0=min(xs) - 0.5,
-                x1=max(xs) + 0.5,
+                x0=low - 0.5,
+                x1=high + 0.5,
                 y0=0.5,
                 y1=NORM_Y + 0.7,
                 fillcolor="#F6F8FA",
@@ -342,20 +359,162 @@ def dependency_figure(
                 layer="below",
             )
             fig.add_annotation(
-                x=(min(xs) + max(xs)) / 2, y=NORM_Y + 0.9, text=f"layer {layer}", showarrow=False
+                x=(low + high) / 2, y=NORM_Y + 0.9, text=f"layer {layer}", showarrow=False
             )
+    units_shown = marks is not None and any(not _collapsed(span) for span in spans.values())
+    bottom = UNITS_TOP - UNITS_DEPTH - 0.3 if units_shown else BUS_Y - 0.5
+    top = STRIP_Y + 0.5 if marks is not None else NORM_Y + 1.2
     fig.update_layout(
-        height=520,
+        height=520 + (160 if units_shown else 0) + (50 if marks is not None else 0),
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
         xaxis={"visible": False},
-        yaxis={"visible": False, "range": [BUS_Y - 0.5, NORM_Y + 1.2]},
+        yaxis={"visible": False, "range": [bottom, top]},
         plot_bgcolor="white",
-        legend={"orientation": "h", "y": -0.02, "x": 0.5, "xanchor": "center"},
+        legend={
+            "orientation": "h",
+            "y": -0.02,
+            "x": 0.5,
+            "xanchor": "center",
+            "itemsizing": "constant",
+        },
         clickmode="event",
         hovermode="closest",
         dragmode="pan",
     )
     return fig
+
+
+def layer_spans(structure: StructureMap, pos: dict) -> dict[int, tuple[float, float]]:
+    """Per visible layer, the x extent of its nodes (one point for a collapsed layer)."""
+    spans: dict[int, tuple[float, float]] = {}
+    for node, (x, _) in pos.items():
+        layer = structure_layer(structure, node)
+        if layer is not None:
+            low, high = spans.get(layer, (x, x))
+            spans[layer] = (min(low, x), max(high, x))
+    return spans
+
+
+def _collapsed(span: tuple[float, float]) -> bool:
+    return span[0] == span[1]
+
+
+def structure_layer(structure: StructureMap, node: str) -> int | None:
+    """The layer a node belongs to (``L3`` or a module of layer 3), None for model-wide nodes."""
+    if node.startswith("L") and node[1:].isdigit():
+        return int(node[1:])
+    return structure.graph.nodes[node]["layer"] if node in structure.graph.nodes else None
+
+
+def marks_removed_layers(structure: StructureMap, marks: PlanMarks) -> list[int]:
+    """The layers the plan removes whole (every parameter gone)."""
+    return [i for i, kept in enumerate(marks.kept) if kept == 0]
+
+
+def unit_positions(span: tuple[float, float], kind: str, count: int) -> list[tuple[float, float]]:
+    """The slots of an expanded layer's units below the bus, across the layer's width: its query
+    heads in one row, then its MLP channels in a grid of ``MLP_COLUMNS`` per row."""
+    left, right = span[0] - 0.3, span[1] + 0.3
+    columns = count if kind == "head" else min(count, MLP_COLUMNS)
+    top = UNITS_TOP if kind == "head" else UNITS_TOP - 0.3
+    rows = math.ceil(count / columns)
+    dx = (right - left) / max(columns - 1, 1)
+    dy = min(0.2, (UNITS_DEPTH - 0.3) / max(rows - 1, 1))
+    return [(left + (k % columns) * dx, top - (k // columns) * dy) for k in range(count)]
+
+
+def display_order(marks: PlanMarks, kind: str, layer: int, count: int) -> list[int]:
+    """Units in the order they are drawn: heads by index (their kv groups stay together), MLP
+    channels by importance rank, lowest first, so the plan's cut shows as one block."""
+    if kind == "head" or kind not in marks.shades:
+        return list(range(count))
+    return marks.shades[kind][layer].argsort(stable=True).tolist()
+
+
+def plan_traces(
+    structure: StructureMap, spans: dict[int, tuple[float, float]], marks: PlanMarks
+) -> list[go.Scatter]:
+    """The plan's traces: the strip of shares kept, then the kept and the removed units.
+
+    Each unit point's ``ids`` entry is ``kind:layer:unit`` (points carry no ``customdata``, so a
+    click on them selects no node).
+    """
+    layers = sorted(spans)
+    strip = go.Scatter(
+        x=[(spans[i][0] + spans[i][1]) / 2 for i in layers],
+        y=[STRIP_Y] * len(layers),
+        ids=[f"kept:{i}" for i in layers],
+        mode="markers+text",
+        name="share of the layer kept",
+        text=[f"{marks.kept[i]:.0%}" for i in layers],
+        textposition="top center",
+        textfont={"size": 8},
+        hovertext=[
+            f"layer {i}: {marks.kept[i]:.1%} of its parameters kept<br>query heads "
+            f"{marks.heads_kept[i]:.0%}, MLP channels {marks.mlp_kept[i]:.0%}"
+            for i in layers
+        ],
+        hoverinfo="text",
+        marker={
+            "symbol": "square",
+            "size": 16,
+            "color": [marks.kept[i] for i in layers],
+            "colorscale": KEPT_SCALE,
+            "cmin": 0.0,
+            "cmax": 1.0,
+            "line": {"color": "#555", "width": 0.5},
+            "colorbar": {"title": {"text": "share kept"}, "len": 0.5, "y": 0.8, "thickness": 12},
+        },
+        showlegend=False,
+    )
+    kept_name, removed_name = (
+        "kept unit (colour: importance rank, dark = low)",
+        "removed by the plan",
+    )
+    groups: dict[str, dict[str, list]] = {
+        name: {key: [] for key in ("x", "y", "ids", "hover", "color", "size", "symbol")}
+        for name in (kept_name, removed_name)
+    }
+    titles = {"head": "query head", "mlp": "MLP channel"}
+    for layer in layers:
+        if _collapsed(spans[layer]):
+            continue
+        for kind in ("head", "mlp"):
+            gone = set(marks.removed[kind].get(layer, ()))
+            count = structure.heads if kind == "head" else structure.intermediate
+            size = 9 if kind == "head" else (3 if count > 200 else 7)
+            slots = unit_positions(spans[layer], kind, count)
+            for unit, (x, y) in zip(display_order(marks, kind, layer, count), slots, strict=True):
+                about = f"layer {layer}, {titles[kind]} {unit}"
+                shade = float(marks.shades[kind][layer, unit]) if kind in marks.shades else 0.5
+                if kind in marks.scores:
+                    score = float(marks.scores[kind][layer, unit])
+                    about += f"<br>{marks.criterion} {score:.3g} (rank {shade:.0%} of the model's)"
+                removed = unit in gone
+                group = groups[removed_name if removed else kept_name]
+                group["x"].append(x)
+                group["y"].append(y)
+                group["ids"].append(f"{kind}:{layer}:{unit}")
+                group["hover"].append(f"{about}<br>removed by the plan" if removed else about)
+                group["color"].append(REMOVED_COLOUR if removed else shade_colour(shade))
+                group["size"].append(size + 2 if removed and kind == "head" else size)
+                group["symbol"].append("x" if removed and kind == "head" else "square")
+    traces = [strip]
+    for name, group in groups.items():
+        if group["x"]:
+            traces.append(
+                go.Scatter(
+                    x=group["x"],
+                    y=group["y"],
+                    ids=group["ids"],
+                    mode="markers",
+                    name=name,
+                    hovertext=group["hover"],
+                    hoverinfo="text",
+                    marker={k: group[k] for k in ("color", "size", "symbol")},
+                )
+            )
+    return traces
 
 
 def _node_look(s: StructureMap, node: str) -> tuple[str, float, str, str]:
@@ -389,8 +548,43 @@ def parse_layers(values: list | None) -> set[int]:
     return {int(v) for v in values or []}
 
 
+def planned_figure(
+    session: SessionState, expanded: set[int], selected, show_hidden, only_expanded, wait: bool
+) -> go.Figure:
+    """The graph with the session's plan on it, titled with the plan (or why it is not drawn)."""
+    loaded = SHARED.get(session.model_key)
+    marks = current_marks(loaded, session.plan, wait=wait)
+    drawn = marks if isinstance(marks, PlanMarks) else None
+    fig = dependency_figure(
+        loaded.structure,
+        expanded,
+        selected=selected,
+        show_hidden=show_hidden,
+        only_expanded=only_expanded,
+        marks=drawn,
+    )
+    title = (
+        f"The plan ({drawn.criterion}): top row, the share of each layer kept. Below each "
+        "expanded layer its heads, then its MLP channels by importance rank (dark = low); "
+        "red: removed"
+        if drawn is not None
+        else marks
+    )
+    fig.update_layout(title={"text": title, "font": {"size": 13}})
+    return fig
+
+
 def refresh(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     """Redraw for the session's model; on a new model, offer its layers and nodes."""
+    return _redraw(panel, state, values, wait=False)
+
+
+def follow_plan(panel: StructurePanel, state: gr.State, values: dict) -> dict:
+    """A plan change: redraw with the new plan's marks (its selection was just computed)."""
+    return _redraw(panel, state, values, wait=True)
+
+
+def _redraw(panel: StructurePanel, state: gr.State, values: dict, wait: bool) -> dict:
     session: SessionState = values[state]
     expanded = values[panel.expanded]
     show_hidden, only_expanded = values[panel.show_hidden], values[panel.only_expanded]
@@ -399,13 +593,7 @@ def refresh(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     chosen = [v for v in (expanded or []) if v in layers] or ["0", layers[-1]]
     nodes = [f"L{i}" for i in range(s.num_layers)] + list(s.graph.nodes)
     selected = session.node if session.node in nodes else None
-    fig = dependency_figure(
-        s,
-        parse_layers(chosen),
-        selected=selected,
-        show_hidden=show_hidden,
-        only_expanded=only_expanded,
-    )
+    fig = planned_figure(session, parse_layers(chosen), selected, show_hidden, only_expanded, wait)
     return {
         panel.expanded: gr.Dropdown(choices=layers, value=chosen),
         panel.plot: fig,
@@ -427,13 +615,7 @@ def select_node(panel: StructurePanel, state: gr.State, values: dict) -> dict:
     if not known:
         raise gr.Error(f"There is no node '{node}' in this model. Pick one from the list.")
     session.node = node
-    fig = dependency_figure(
-        s,
-        parse_layers(expanded),
-        selected=node,
-        show_hidden=show_hidden,
-        only_expanded=only_expanded,
-    )
+    fig = planned_figure(session, parse_layers(expanded), node, show_hidden, only_expanded, False)
     return {
         state: session,
         panel.plot: fig,
@@ -480,6 +662,18 @@ def wire(panel: StructurePanel, session: gr.State) -> None:
         [session, panel.expanded],
         **api(None),
     ).then(draw, view, redraw, **api(None))
+
+
+def follow(panel: StructurePanel, session: gr.State, events: list) -> None:
+    """Redraw after each of ``events`` (the Plan tab's plan changes, or its first showing)."""
+    for event in events:
+        event.success(
+            handler(follow_plan, panel, session),
+            {session, panel.expanded, panel.show_hidden, panel.only_expanded},
+            [panel.expanded, panel.plot, panel.node, panel.details],
+            show_progress="hidden",
+            **api(None),
+        )
 
 
 def refresh_event(panel: StructurePanel, session: gr.State, after, name: str | None = None) -> None:

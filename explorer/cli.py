@@ -30,6 +30,7 @@ from .model.loading import EMBEDDED, cache_root, load_model
 from .planning.plan import Plan
 from .planning.presets import load_preset, preset_names
 from .planning.selection import Selection
+from .recovery.heldout import recovery_warnings
 from .recovery.live import split_steps
 from .scoring.base import REDUCTIONS
 from .session import Explorer
@@ -119,6 +120,13 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--eval-length", type=int, default=256, help="evaluation window length")
     p.add_argument("--eval-windows", type=int, default=None, help="limit evaluation windows")
+    p.add_argument(
+        "--offdomain-windows",
+        type=int,
+        default=20,
+        help="windows of 256 tokens of the second text domain (Wikipedia leads) reported next to "
+        "the evaluation text (0: skip)",
+    )
 
 
 def recovery_entry(text: str) -> dict:
@@ -251,6 +259,27 @@ def open_explorer(plan: Plan, args: argparse.Namespace) -> Explorer:
     )
 
 
+def second_domain(ex: Explorer, sel: Selection, live: list, recovered, windows: int) -> dict:
+    """Dense and pruned perplexity on the off-domain text (and previewed / recovered), printed."""
+    n = windows
+    out = {"text": "builtin offdomain (Wikipedia lead paragraphs)", "windows": n, "length": 256}
+    out["dense"] = _with_bar("off-domain dense", ex.offdomain_perplexity, Selection(), windows=n)
+    out["pruned"] = _with_bar("off-domain pruned", ex.offdomain_perplexity, sel, windows=n)
+    line = f"off-domain ({n} x 256 tokens): dense {out['dense']:.2f} -> pruned {out['pruned']:.2f}"
+    if live:
+        out["preview"] = _with_bar(
+            "off-domain preview", ex.offdomain_perplexity, sel, live, None, n
+        )
+        line += f", with the live steps {out['preview']:.2f}"
+    if recovered is not None:
+        out["after"] = _with_bar(
+            "off-domain recovered", ex.offdomain_perplexity, sel, (), recovered, n
+        )
+        line += f", after recovery {out['after']:.2f}"
+    print(line)
+    return out
+
+
 def run(plan: Plan, args: argparse.Namespace) -> dict:
     """Score, select, evaluate (and export): prints a report, returns it as a dict."""
     started = time.perf_counter()
@@ -290,19 +319,34 @@ def run(plan: Plan, args: argparse.Namespace) -> dict:
         names = ", ".join(e["step"] for e in live)
         print(f"preview with the live steps ({names}): perplexity {previewed:.2f}")
     pruned_model = recovered = None
+    steps: list[dict] = []
     if plan.recovery:
         pruned_model, steps = _with_bar("recovery", ex.recover, sel, plan.recovery)
         recovered = _with_bar("recovered perplexity", perplexity, pruned_model, ex.evaluation)
         print(f"after recovery ({', '.join(s['step'] for s in steps)}): perplexity {recovered:.2f}")
+        for warning in recovery_warnings(steps):
+            print(f"warning: {warning}")
+    offdomain = {}
+    if getattr(args, "offdomain_windows", 0):
+        offdomain = second_domain(ex, sel, live, pruned_model, args.offdomain_windows)
     if getattr(args, "prompt", None):
         print(f"\nprompt: {args.prompt}")
         print("dense :", ex.generate(Selection(), args.prompt)[0])
         print("pruned:", ex.generate(sel, args.prompt)[0])
     report = pruning_report(
-        plan, sizes, ex.evaluation.shape, dense, pruned, recovered, scoring_seconds=scoring_s
+        plan,
+        sizes,
+        ex.evaluation.shape,
+        dense,
+        pruned,
+        recovered,
+        recovery_reports=steps,
+        scoring_seconds=scoring_s,
     )
     if live:
         report["perplexity_preview"] = previewed
+    if offdomain:
+        report["offdomain"] = offdomain
     if args.out:
         from .export.writer import export_model
 
@@ -370,8 +414,8 @@ def run_sensitivity(plan: Plan, args: argparse.Namespace) -> Sensitivity:
     total = len(request.ratios) * len(kinds) * ex.structure.num_layers
     print(
         f"sensitivity of {plan.model} under {plan.criterion}: {', '.join(kinds)} at "
-        f"{request.ratios} on {request.windows[0]} x {request.windows[1]} tokens "
-        f"(up to {total} points), live steps: {request.steps or 'none'}"
+        f"{request.ratios} on {request.windows[0]} x {request.windows[1]} tokens of "
+        f"{request.text} text (up to {total} points), live steps: {request.steps or 'none'}"
     )
     _with_bar("sensitivity", lambda progress: list(ex.iter_sensitivity(plan, kinds, progress)))
     sens = ex.known_sensitivity(plan, kinds)
@@ -406,7 +450,7 @@ def fetch(model: str) -> None:
 
 def check_outputs(plan: Plan, args: argparse.Namespace) -> None:
     """Refuse bad counts and unusable output paths before the model loads, not after scoring."""
-    for name, least in (("eval_windows", 1), ("eval_length", 2)):
+    for name, least in (("eval_windows", 1), ("eval_length", 2), ("offdomain_windows", 0)):
         value = getattr(args, name)
         if value is not None and value < least:
             flag = "--" + name.replace("_", "-")

@@ -303,6 +303,24 @@ def token_windows(
     return windows
 
 
+def split_heldout(text: str, fraction: float = 0.1) -> tuple[str, str]:
+    """(fit, held-out) parts of a calibration text: its last ``fraction`` of paragraphs held out.
+
+    Settings chosen by measurement (a sensitivity sweep, whether a recovery step helped) must
+    not be chosen on the evaluation text, nor on the text the weights were fitted to; the tail of
+    the calibration text is neither. Text with fewer than ten paragraphs is split at the last
+    whitespace before ``1 - fraction`` of its characters.
+    """
+    paragraphs = text.split("\n\n")
+    if len(paragraphs) >= 10:
+        cut = len(paragraphs) - int(len(paragraphs) * fraction)
+        return "\n\n".join(paragraphs[:cut]), "\n\n".join(paragraphs[cut:])
+    at = int(len(text) * (1 - fraction))
+    space = text.rfind(" ", 0, at)
+    at = space if space > 0 else at
+    return text[:at], text[at:].lstrip()
+
+
 def ensure_disjoint(calibration_text: str, evaluation_text: str) -> None:
     """Refuse evaluation text that is, or largely repeats, the calibration text.
 

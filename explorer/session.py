@@ -19,7 +19,8 @@ from .apply.preview import LivePreview
 from .apply.pruning import prune_model
 from .apply.sensitivity import Point, Sensitivity, sweep
 from .catalogue import CRITERIA, RECOVERY_STEPS
-from .data import TextSource, ensure_disjoint, token_windows
+from .data import TextSource, builtin_text, ensure_disjoint, split_heldout, token_windows
+from .errors import DataError
 from .evaluate import PerplexityStep, generate, perplexity, token_logprobs
 from .model.families import family_for
 from .model.loading import Workspace, load_model
@@ -33,6 +34,17 @@ from .scoring.base import SCORED_KINDS, ScoreContext, Scores
 from .scoring.statistics import Needs, Statistics, collect_statistics
 from .text_safety import check_length
 
+HELDOUT_WINDOWS = 4
+OFFDOMAIN_WINDOWS = 20
+
+
+def heldout_windows_of(tokenizer, text: str, length: int, n: int) -> torch.Tensor | None:
+    """Up to ``n`` windows of ``length`` tokens in order from ``text`` (None if not one fits)."""
+    try:
+        return token_windows(tokenizer, text, length, None)[:n]
+    except DataError:
+        return None
+
 
 @dataclass
 class Explorer:
@@ -42,6 +54,10 @@ class Explorer:
     calibration: torch.Tensor  # (n, L) token windows
     evaluation: torch.Tensor  # (n, L) token windows
     seed: int = 0
+    # (n, L) windows of the calibration text's held-out tail (``split_heldout``): never scored
+    # on, fitted to or reported as quality, so settings are measured here. None: no such text
+    # (a session built from bare windows), and the evaluation windows stand in, said so.
+    heldout: torch.Tensor | None = None
     structure: StructureMap = field(init=False)
     _stats: Statistics | None = field(default=None, init=False, repr=False)
     _scores: dict[tuple[str, str, tuple[str, ...]], Scores] = field(
@@ -51,6 +67,9 @@ class Explorer:
     _live: LivePreview | None = field(default=None, init=False, repr=False)
     _compensations: dict[str, Compensation] = field(default_factory=dict, init=False, repr=False)
     _sensitivity: dict[str, Sensitivity] = field(default_factory=dict, init=False, repr=False)
+    _offdomain: dict[tuple[int, int], torch.Tensor] = field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         self.structure = StructureMap(self.workspace.model, family_for(self.workspace.model))
@@ -66,16 +85,27 @@ class Explorer:
         calibration_length: int = 64,
         evaluation_length: int = 256,
         evaluation_windows: int | None = None,
+        heldout_windows: int = HELDOUT_WINDOWS,
         seed: int = 0,
     ) -> Explorer:
-        """Cut the texts into windows; refuses calibration text that overlaps the evaluation."""
+        """Cut the texts into windows; refuses calibration text that overlaps the evaluation.
+
+        The calibration windows come from the first nine tenths of the calibration text; up to
+        ``heldout_windows`` windows of ``evaluation_length`` tokens from its last tenth are the
+        held-out slice that sweeps and recovery checks measure on.
+        """
         ensure_disjoint(calibration_text, evaluation_text)
         tok = workspace.tokenizer
-        calib = token_windows(
-            tok, calibration_text, calibration_length, calibration_windows, seed=seed
-        )
+        fit, held = split_heldout(calibration_text)
+        calib = token_windows(tok, fit, calibration_length, calibration_windows, seed=seed)
         evaluation = token_windows(tok, evaluation_text, evaluation_length, evaluation_windows)
-        return cls(workspace, calib, evaluation, seed=seed)
+        return cls(
+            workspace,
+            calib,
+            evaluation,
+            seed=seed,
+            heldout=heldout_windows_of(tok, held, evaluation_length, heldout_windows),
+        )
 
     @classmethod
     def open(
@@ -153,8 +183,8 @@ class Explorer:
         need those scores.
         """
         crit = CRITERIA[criterion]
-        kinds = SCORED_KINDS + (("hidden",) if hidden else ())
-        key = (criterion, reduction if crit.uses_reduction else "-", kinds)
+        key = self._score_key(criterion, reduction, hidden)
+        kinds = key[2]
         if key not in self._scores:
             needs = crit.needs | Needs(embeddings=hidden and crit.needs.gradients)
             stats = self.statistics(needs, progress) if needs != Needs() else None
@@ -169,6 +199,22 @@ class Explorer:
             )
             self._scores[key] = crit.score(ctx)
         return self._scores[key]
+
+    @staticmethod
+    def _score_key(criterion: str, reduction: str, hidden: bool) -> tuple[str, str, tuple]:
+        crit = CRITERIA[criterion]
+        kinds = SCORED_KINDS + (("hidden",) if hidden else ())
+        return criterion, reduction if crit.uses_reduction else "-", kinds
+
+    def ready(self, plan: Plan) -> bool:
+        """Whether ``select(plan)`` is quick: its scores (and sweep) were computed already, so no
+        calibration pass, scoring or sensitivity sweep would run (a picture may then show it)."""
+        hidden = plan.hidden_ratio > 0
+        needed = [self._score_key(plan.criterion, plan.reduction, hidden)]
+        if plan.depth and plan.depth_criterion not in (None, plan.criterion):
+            needed.append(self._score_key(plan.depth_criterion, plan.reduction, False))
+        swept = plan.allocation != "sensitivity" or self.known_sensitivity(plan) is not None
+        return swept and all(key in self._scores for key in needed)
 
     def select(self, plan: Plan, progress: Progress | None = None) -> Selection:
         """The selection ``plan`` gives on this model: its criterion's scores, allocated (a
@@ -189,15 +235,25 @@ class Explorer:
             kinds = ["mlp"] + ([attention] if plan.head_ratio != 0 else [])
         live, _ = split_steps(plan.recovery)
         crit = CRITERIA[plan.criterion]
-        n = min(plan.sensitivity_windows, self.evaluation.shape[0])
+        windows, text = self.settings_windows
+        n = min(plan.sensitivity_windows, windows.shape[0])
         return Sensitivity(
             criterion=plan.criterion,
             reduction=plan.reduction if crit.uses_reduction else "-",
             kinds=list(kinds),
             ratios=[float(r) for r in plan.sensitivity_ratios],
-            windows=[n, int(self.evaluation.shape[1])],
+            windows=[n, int(windows.shape[1])],
             steps=live,
+            text=text,
         )
+
+    @property
+    def settings_windows(self) -> tuple[torch.Tensor, str]:
+        """(windows, what they are) that settings are measured on: the held-out calibration
+        slice, or the evaluation windows where the session has none."""
+        if self.heldout is not None:
+            return self.heldout, "held-out calibration"
+        return self.evaluation, "evaluation"
 
     def iter_sensitivity(
         self, plan: Plan, kinds: Sequence[str] | None = None, progress: Progress | None = None
@@ -217,7 +273,7 @@ class Explorer:
             self.model,
             self.structure,
             scores,
-            self.evaluation[: request.windows[0]],
+            self.settings_windows[0][: request.windows[0]],
             plan,
             kinds=request.kinds,
             ratios=request.ratios,
@@ -301,6 +357,38 @@ class Explorer:
                 progress(step.done / step.total, f"perplexity {step.perplexity:.2f}")
         return step.perplexity
 
+    def offdomain(self, windows: int = OFFDOMAIN_WINDOWS, length: int = 256) -> torch.Tensor:
+        """Windows of the second text domain (``builtin_text("offdomain")``, Wikipedia leads).
+
+        Calibration and recovery never read it, so a quality figure here next to the evaluation
+        text's tells repair from adaptation to the calibration text's domain.
+        """
+        key = (windows, length)
+        if key not in self._offdomain:
+            text = builtin_text("offdomain")
+            self._offdomain[key] = token_windows(self.workspace.tokenizer, text, length, windows)
+        return self._offdomain[key]
+
+    def offdomain_perplexity(
+        self,
+        selection: Selection,
+        steps: Sequence[dict] = (),
+        model: torch.nn.Module | None = None,
+        windows: int = OFFDOMAIN_WINDOWS,
+        progress: Progress | None = None,
+    ) -> float:
+        """Perplexity on the second domain: of ``selection`` with the live ``steps`` (the preview's
+        number there), or of a separate ``model`` (e.g. after recovery) when given."""
+        ids = self.offdomain(windows)
+        if model is not None:
+            return perplexity(model, ids)
+        live = LivePreview(self.model, self.structure, ids, batch_size=1)
+        step = None
+        for step in live.run(selection, self.compensation(steps, progress)):
+            if progress:
+                progress(step.done / step.total, f"off-domain perplexity {step.perplexity:.2f}")
+        return step.perplexity
+
     def generate(
         self, selection: Selection, prompt: str, **kwargs
     ) -> tuple[str, torch.Tensor, int]:
@@ -323,14 +411,22 @@ class Explorer:
         """A sliced copy of the model with the plan's recovery steps applied, and their reports.
 
         Recovery changes the kept weights, so unlike the preview it works on a physical copy; the
-        shared model is left as it is.
+        shared model is left as it is. Each report carries the held-out calibration perplexity
+        before and after its step, and a ``warning`` when the step made it worse.
         """
         live, _ = split_steps(steps)
         if live:
             self.statistics(live_needs(live), progress)  # the statistics the preview reads
         pruned = prune_model(self.model, self.structure, selection)
         ctx = RecoveryContext(
-            self.model, pruned, self.structure, selection, self.calibration, self._stats, progress
+            self.model,
+            pruned,
+            self.structure,
+            selection,
+            self.calibration,
+            self._stats,
+            progress,
+            heldout=self.heldout,
         )
         return pruned, run_steps(steps, ctx, RECOVERY_STEPS)
 

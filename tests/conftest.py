@@ -130,6 +130,27 @@ def tiny_bos_tokenizer():
     return _tokenizer(add_bos=True)
 
 
+@pytest.fixture
+def harmful_step(monkeypatch) -> str:
+    """A recovery step ``scramble`` (registered for one test) that adds large noise to every
+    weight of the pruned model: a step certain to make it worse on any held-out text."""
+    import torch
+
+    from explorer.catalogue import RECOVERY_STEPS
+    from explorer.recovery.steps import RecoveryStep
+
+    def scramble(ctx, *, scale: float = 0.3) -> dict:
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for p in ctx.pruned.parameters():
+                p.add_(scale * torch.randn(p.shape, generator=g))
+        return {"scale": scale}
+
+    step = RecoveryStep("scramble", "Scramble the weights (a test's harmful step)", scramble)
+    monkeypatch.setitem(RECOVERY_STEPS._items, step.name, step)
+    return step.name
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A random 2-layer GQA Llama saved with its tokenizer, as a user's local model folder."""

@@ -58,6 +58,7 @@ class Sensitivity:
     ratios: list[float]
     windows: list[int]  # [count, length]
     steps: list[dict]  # the live recovery steps applied
+    text: str = "held-out calibration"  # what the windows are cut from
     dense_perplexity: float = math.nan
     points: list[Point] = field(default_factory=list)
     seconds: float = 0.0

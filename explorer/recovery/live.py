@@ -20,6 +20,7 @@ calibration windows; ``lora`` trains) cannot run live and are listed as not incl
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from ..planning.selection import Selection
 from ..scoring.flap import FLAP_NEEDS
 from ..scoring.statistics import Needs, Statistics
 from .steps import removed_indices
-from .surgeon import UPDATE_NEEDS, column_update
+from .surgeon import UPDATE_NEEDS, column_update, input_inverse
 
 LIVE_NEEDS = {"surgeon": UPDATE_NEEDS, "flap_bias": FLAP_NEEDS}
 
@@ -67,13 +68,17 @@ class Compensation:
     """The live steps' per-module patches of one model: new reader weights and bias shifts.
 
     Patches are cached per (module, removed columns), so moving one layer's ratio recomputes that
-    layer's update only.
+    layer's update only, and the inverse input covariance each update starts from is cached per
+    module (least recently used first out beyond ``inverse_bytes``), so that recompute is one
+    |C| × |C| solve rather than a fresh n × n inverse.
     """
 
     model: nn.Module
     structure: StructureMap
     stats: Statistics
     steps: list[dict]
+    inverse_bytes: int = 2**30
+    _inverses: OrderedDict[tuple[str, float], torch.Tensor] = field(default_factory=OrderedDict)
     _weights: dict[tuple[str, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
     _biases: dict[tuple[str, tuple[int, ...]], torch.Tensor] = field(default_factory=dict)
 
@@ -119,9 +124,22 @@ class Compensation:
         key = (path, cols)
         if key not in self._weights:
             dense = get_module(self.model, path).weight.detach()
-            new = column_update(self.structure, self.stats, layer, name, dense, cols, damping)
+            new = column_update(dense, self._inverse(layer, name, path, damping), cols)
             self._weights[key] = new.to(dense.dtype)
         return self._weights[key]
+
+    def _inverse(self, layer: int, name: str, path: str, damping: float) -> torch.Tensor:
+        key = (path, damping)
+        if key in self._inverses:
+            self._inverses.move_to_end(key)
+            return self._inverses[key]
+        inverse = input_inverse(self.structure, self.stats, layer, name, damping)
+        self._inverses[key] = inverse
+        used = sum(t.numel() * t.element_size() for t in self._inverses.values())
+        while used > self.inverse_bytes and len(self._inverses) > 1:
+            _, dropped = self._inverses.popitem(last=False)
+            used -= dropped.numel() * dropped.element_size()
+        return inverse
 
     def _bias(self, path: str, cols) -> torch.Tensor:
         key = (path, cols)

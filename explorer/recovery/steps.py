@@ -30,6 +30,7 @@ from ..planning.selection import Selection
 from ..progress import Progress
 from ..registry import Registry
 from ..scoring.statistics import Statistics
+from .heldout import heldout_perplexity, judged
 from .training import train
 
 
@@ -45,6 +46,7 @@ class RecoveryContext:
     windows: torch.Tensor  # calibration windows
     stats: Statistics | None = None  # the dense model's, when already collected
     progress: Progress | None = None
+    heldout: torch.Tensor | None = None  # calibration windows no step sees, to judge each step
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,12 @@ def run_steps(
 ) -> list[dict]:
     """Run recipe entries ``{"step": name, **params}`` in order; one report per step.
 
-    ``steps`` is the catalogue's ``RECOVERY_STEPS`` (passed in: this module is below it).
+    ``steps`` is the catalogue's ``RECOVERY_STEPS`` (passed in: this module is below it). With
+    ``ctx.heldout`` windows each report also has their perplexity before and after the step, and a
+    ``warning`` when the step made it worse (``explorer.recovery.heldout``).
     """
     reports = []
+    before = heldout_perplexity(ctx.pruned, ctx.heldout)
     for entry in entries:
         params = dict(entry)
         name = params.pop("step", None)
@@ -80,7 +85,10 @@ def run_steps(
                 f"Recovery step '{name}' has no parameter {', '.join(sorted(unknown))}. "
                 f"It takes: {', '.join(step.params()) or 'none'}."
             )
-        reports.append({"step": name, **step.run(ctx, **params)})
+        report = {"step": name, **step.run(ctx, **params)}
+        after = heldout_perplexity(ctx.pruned, ctx.heldout)
+        reports.append({**report, **judged(name, before, after)})
+        before = after
     return reports
 
 

@@ -59,30 +59,30 @@ def surgeon_update(
         w = w - g_inv[:, r] @ torch.linalg.solve(g_inv[r][:, r], w[r])
         w[r] = 0
     if cols:
-        c = torch.tensor(list(cols), device=w.device)
-        a_inv = torch.linalg.inv(a.double())
-        w = w - w[:, c] @ torch.linalg.solve(a_inv[c][:, c], a_inv[c])
-        w[:, c] = 0
+        w = column_update(w, torch.linalg.inv(a.double()), cols)
     return w
 
 
-def column_update(
-    structure: StructureMap,
-    stats: Statistics,
-    layer: int,
-    name: str,
-    weight: torch.Tensor,
-    cols: Sequence[int],
-    damping: float = 0.01,
-) -> torch.Tensor:
-    """Module ``name`` of ``layer`` after the correlated update that removes its columns ``cols``.
+def column_update(weight: torch.Tensor, a_inv: torch.Tensor, cols: Sequence[int]) -> torch.Tensor:
+    """``weight`` after the correlated update that removes its columns ``cols`` (float64 out).
 
-    Needs only the damped input covariance A (``UPDATE_NEEDS``): the update the ``surgeon`` step
-    applies to the reader of a removed unit, and the one the live preview applies (float64 out).
+    ΔW = −W_:,C ([A⁻¹]_CC)⁻¹ (A⁻¹)_C,: from the damped A's inverse ``a_inv``: the update the
+    ``surgeon`` step applies to the reader of a removed unit, and the one the live preview applies.
+    Given A⁻¹, it costs one |C| × |C| solve, so a preview that caches A⁻¹ (the O(n³) part) redoes
+    a layer's update for a new cut cheaply.
     """
-    return surgeon_update(
-        weight, input_factor(structure, stats, layer, name, damping), None, None, cols
-    )
+    w = weight.double()
+    c = torch.tensor(list(cols), device=w.device)
+    w = w - w[:, c] @ torch.linalg.solve(a_inv[c][:, c], a_inv[c])
+    w[:, c] = 0
+    return w
+
+
+def input_inverse(
+    structure: StructureMap, stats: Statistics, layer: int, name: str, damping: float = 0.01
+) -> torch.Tensor:
+    """(damped A)⁻¹ of module ``name`` of ``layer``, float64 (needs only ``UPDATE_NEEDS``)."""
+    return torch.linalg.inv(input_factor(structure, stats, layer, name, damping))
 
 
 class Surgery(Curvature):

@@ -135,3 +135,42 @@ def test_cli_exports_gguf(bpe_tokenizer, tiny_llama_dir, texts, tmp_path, capsys
     assert "exported to" in capsys.readouterr().out
     report = json.loads((tmp_path / "b" / "report.json").read_text())
     assert report["gguf"]["outtype"] == "q8_0" and (tmp_path / "b" / "model-q8_0.gguf").is_file()
+
+
+def test_cli_warns_when_a_recovery_step_hurts_held_out_calibration_text(
+    tiny_llama_dir, texts, tmp_path, capsys, harmful_step
+):
+    calib, evaluation = texts
+    argv = ["prune", "--model", str(tiny_llama_dir), "--criterion", "l2", "--target", "0.3"]
+    argv += ["--calibration", str(calib), "--evaluation", str(evaluation)]
+    argv += ["--eval-length", "16", "--calibration-length", "16", "--eval-windows", "2"]
+    out = tmp_path / "out"
+    assert (
+        main([*argv, "--recovery", f"layerwise:damping=1e6,{harmful_step}", "--out", str(out)]) == 0
+    )
+    lines = capsys.readouterr().out.splitlines()
+    warned = [line for line in lines if line.startswith("warning: ")]
+    # The neutral refit (damping 1e6 keeps the weights) is not warned about; the scramble is.
+    assert len(warned) == 1 and f"Recovery step '{harmful_step}' made the model worse" in warned[0]
+    assert any(line.startswith("exported to") for line in lines)  # the export still happens
+    report = json.loads((out / "report.json").read_text())
+    assert report["recovery_warnings"] == [warned[0].removeprefix("warning: ")]
+    assert [r["step"] for r in report["recovery_heldout"]] == ["layerwise", harmful_step]
+
+
+def test_cli_reports_the_second_domain_next_to_the_evaluation_text(
+    tiny_llama_dir, texts, tmp_path, capsys
+):
+    """Off-domain perplexity, dense and pruned, in the output and report.json; with a live step
+    the previewed number there equals the recovered model's, as on the evaluation text."""
+    calib, evaluation = texts
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(tiny_llama_dir), "--criterion", "wanda_sp", "--target", "0.3"]
+    argv += ["--calibration", str(calib), "--evaluation", str(evaluation), "--eval-length", "16"]
+    argv += ["--calibration-length", "16", "--recovery", "surgeon", "--offdomain-windows", "3"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert "off-domain (3 x 256 tokens): dense " in capsys.readouterr().out
+    off = json.loads((out / "report.json").read_text())["offdomain"]
+    assert off["windows"] == 3 and off["pruned"] > off["dense"] > 1
+    assert off["preview"] == pytest.approx(off["after"], rel=1e-4)
+    assert main([*argv[:-2], "--offdomain-windows", "-1"]) == 2

@@ -16,6 +16,7 @@ from explorer.data import (
     ensure_disjoint,
     read_text_file,
     self_generated_text,
+    split_heldout,
     token_windows,
     wiki_paragraphs,
 )
@@ -215,3 +216,11 @@ def test_wiki_paragraphs_keeps_link_text_and_drops_markup():
     (paragraph,) = wiki_paragraphs(markup, min_chars=50)
     assert paragraph.startswith("Albedo is the reflection of light by a surface")
     assert "the source for more" in paragraph and "Some book" not in paragraph
+
+
+def test_the_held_out_tail_of_a_calibration_text_is_never_calibrated_on():
+    paragraphs = [f"paragraph {i} " + "word " * 5 for i in range(30)]
+    fit, held = split_heldout("\n\n".join(paragraphs))
+    assert fit == "\n\n".join(paragraphs[:27]) and held == "\n\n".join(paragraphs[27:])
+    fit, held = split_heldout("one two three four five six seven eight nine ten")
+    assert (fit, held) == ("one two three four five six seven eight", "nine ten")

@@ -35,7 +35,8 @@ def test_points_equal_the_same_single_layer_plan_previewed_from_scratch(session,
         recovery=steps,
     )
     points = list(ex.iter_sensitivity(plan, kinds=["head", "kv", "mlp", "layer"]))
-    s, windows = ex.structure, ex.evaluation[:3]
+    s, windows = ex.structure, ex.heldout[:3]  # settings are measured off the evaluation text
+    assert ex.known_sensitivity(plan, ["head", "kv", "mlp", "layer"]).text == "held-out calibration"
     assert {p.kind for p in points} == {"head", "kv", "mlp", "layer"}
     assert len(points) >= s.num_layers * 4
     scores = ex.scores("wanda_sp")

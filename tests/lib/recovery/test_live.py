@@ -10,7 +10,7 @@ from explorer.apply.preview import LivePreview
 from explorer.evaluate import perplexity
 from explorer.export.writer import export_model, load_pruned
 from explorer.planning.selection import Selection
-from explorer.recovery.live import split_steps
+from explorer.recovery.live import Compensation, split_steps
 
 LIVE = {
     "surgeon": [{"step": "surgeon", "damping": 0.01}],
@@ -63,3 +63,20 @@ def test_steps_that_cannot_run_live_are_listed_as_not_included():
     )
     assert included == [{"step": "surgeon"}]
     assert [e["step"] for e in excluded] == ["lora", "surgeon"]
+
+
+def test_cached_inverses_give_the_same_patches_within_their_memory_bound(session):
+    """An inverse input covariance is reused across cuts and evicted beyond ``inverse_bytes``."""
+    ex = session
+    s = ex.structure
+    steps = LIVE["surgeon"]
+    stats = ex.compensation(steps).stats
+    one = Compensation(ex.model, s, stats, steps, inverse_bytes=1)
+    cold = {p: w for p, w, _ in one.patches(plan_selection(s, 40))}
+    assert len(one._inverses) == 1  # a bound below one matrix keeps only the newest
+    fresh = Compensation(ex.model, s, stats, steps)
+    for width in (70, 40):  # the second selection reuses both layers' cached inverses
+        patched = {p: w for p, w, _ in fresh.patches(plan_selection(s, width))}
+    assert len(fresh._inverses) == len(cold)
+    for path, weight in cold.items():
+        assert weight.equal(patched[path])
