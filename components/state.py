@@ -63,7 +63,9 @@ class Loaded:
     key: str
     explorer: Explorer
     summary: dict
-    opened: tuple  # the arguments of ``Shared.open`` it was made with (see ``Shared.reopen``)
+    # The arguments of ``Shared.open`` it was made with (``Shared.reopen``, ``settings``); an
+    # entry made by hand (tests) has none and cannot be recalibrated.
+    opened: tuple = ()
     dense_ppl: float | None = None  # set by the first preview that ran to the end
 
     @property
