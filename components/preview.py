@@ -20,6 +20,7 @@ import torch
 from explorer.errors import ExplorerError
 from explorer.planning.selection import Selection
 from explorer.recovery.live import split_steps
+from explorer.session import OFFDOMAIN_WINDOWS
 
 from .state import (
     SHARED,
@@ -39,6 +40,7 @@ from .state import (
 BIG_DROP, DROP = 2.0, 1.0  # nats: how far a token's log-probability fell to be highlighted
 LABELS = {"big": f"fell > {BIG_DROP:g} nats", "drop": f"fell {DROP:g}–{BIG_DROP:g} nats"}
 DIVERGES = "pruned output diverges here"
+OFF_DENSE, OFF_PRUNED = "off-domain dense", "off-domain pruned"
 STALE = "Stale: the plan changed since this result. Run the preview again."
 
 
@@ -49,6 +51,8 @@ class PreviewPanel:
     auto: gr.Checkbox
     dense: gr.Textbox
     pruned: gr.Textbox
+    second: gr.Checkbox
+    offdomain: gr.Textbox
     status: gr.HTML
     curve: gr.Plot
     prompt: gr.Textbox
@@ -75,6 +79,18 @@ def build() -> PreviewPanel:
     with gr.Row():
         dense = gr.Textbox(label="Dense perplexity", interactive=False, elem_id="preview-dense")
         pruned = gr.Textbox(label="Pruned perplexity", interactive=False, elem_id="preview-pruned")
+    with gr.Row():
+        second = gr.Checkbox(
+            value=True,
+            label=f"Also on a second text domain (Wikipedia lead paragraphs, {OFFDOMAIN_WINDOWS} x "
+            "256 tokens) that calibration and recovery never read",
+            elem_id="preview-second",
+        )
+        offdomain = gr.Textbox(
+            label="Off-domain perplexity: dense → pruned",
+            interactive=False,
+            elem_id="preview-offdomain",
+        )
     preview_status = gr.HTML(elem_id="preview-status")
     curve = gr.Plot(label="Running perplexity", elem_id="preview-curve")
     gr.Markdown("### The same prompt, dense and pruned")
@@ -109,6 +125,8 @@ def build() -> PreviewPanel:
         auto,
         dense,
         pruned,
+        second,
+        offdomain,
         preview_status,
         curve,
         prompt,
@@ -142,6 +160,23 @@ def perplexities(
     if known is not None:
         return loaded.dense_ppl, known
     return loaded.dense_ppl, measure(ex.iter_perplexity(selection, steps), "pruned", emit)
+
+
+def offdomain_perplexities(
+    loaded: Loaded, selection: Selection, emit: Callable, steps: Sequence[dict] = ()
+) -> tuple[float, float]:
+    """Dense (once per model) and pruned perplexity on the second domain, the live steps applied,
+    with its own incremental preview; ``emit`` as in ``perplexities``."""
+    ex = loaded.explorer
+    if loaded.dense_offdomain is None:
+        loaded.dense_offdomain = measure(ex.iter_offdomain(Selection()), OFF_DENSE, emit)
+    return loaded.dense_offdomain, measure(ex.iter_offdomain(selection, steps), OFF_PRUNED, emit)
+
+
+def offdomain_text(dense: float | None, pruned: float | None) -> str:
+    if dense is None:
+        return ""
+    return f"{dense:.3f} → {pruned:.3f}" if pruned is not None else f"{dense:.3f} → …"
 
 
 def included(steps: Sequence[dict]) -> str:
@@ -229,6 +264,7 @@ def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.
             panel.pruned: shown(pruned),
             panel.status: message,
             panel.curve: curve_figure(curves, total),
+            panel.offdomain: offdomain_text(*off),
         }
 
     pruning, steps = preview_key(session), list(session.plan.recovery)
@@ -237,26 +273,35 @@ def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.
     if loaded.dense_ppl is not None:  # measured once per model: a flat line
         curves["dense"] = [(1, loaded.dense_ppl), (total, loaded.dense_ppl)]
     dense, pruned = loaded.dense_ppl, None
-    work = lambda emit: perplexities(loaded, selection, emit, steps=steps)  # noqa: E731
+    second = session.second_domain
+    off: list[float | None] = [loaded.dense_offdomain if second else None, None]
+
+    def work(emit: Callable) -> tuple:
+        main = perplexities(loaded, selection, emit, steps=steps)
+        return main + (offdomain_perplexities(loaded, selection, emit, steps) if second else ())
+
     try:
         for kind, value in streamed(work, getattr(request, "session_hash", None), session.policy):
             if kind == "done":
-                dense, pruned = value
+                dense, pruned = value[:2]
+                off = list(value[2:]) or off
                 session.pruned_ppl, session.preview_plan = pruned, pruning
                 change = pruned / dense - 1 if dense else math.nan
-                message = status(
-                    f"Done on {total} windows: dense {dense:.3f}, pruned {pruned:.3f} "
-                    f"({change:+.1%}). {included(steps)}",
-                    "ok",
-                )
+                text = f"Done on {total} windows: dense {dense:.3f}, pruned {pruned:.3f} ({change:+.1%})"
+                if second:
+                    text += f"; off-domain {off[0]:.3f} → {off[1]:.3f} ({off[1] / off[0] - 1:+.1%})"
+                message = status(f"{text}. {included(steps)}", "ok")
                 yield outputs(message)
                 return
             view, step = value
-            curves[view].append((step.done, step.perplexity))
+            if view in curves:
+                curves[view].append((step.done, step.perplexity))
             if view == "dense":
                 dense = step.perplexity
-            else:
+            elif view == "pruned":
                 pruned = step.perplexity
+            else:
+                off[view == OFF_PRUNED] = step.perplexity
             message = status(
                 f"{view}: {step.done}/{step.total} windows, running perplexity "
                 f"{step.perplexity:.3f}"
@@ -265,6 +310,13 @@ def run_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.
     except ExplorerError as exc:
         raise user_error(exc) from exc
     yield outputs(status("Stopped.", "info"))
+
+
+def choose_second_domain(panel: PreviewPanel, state: gr.State, values: dict) -> dict:
+    """Whether this session's previews also measure the off-domain text."""
+    session: SessionState = values[state]
+    session.second_domain = bool(values[panel.second])
+    return {state: session}
 
 
 def auto_preview(panel: PreviewPanel, state: gr.State, values: dict, request: gr.Request):
@@ -352,13 +404,19 @@ def generate(panel: PreviewPanel, state: gr.State, values: dict, progress=TRACK)
 
 
 def wire(panel: PreviewPanel, session: gr.State, plan_events: list) -> None:
-    outputs = [session, panel.dense, panel.pruned, panel.status, panel.curve]
+    outputs = [session, panel.dense, panel.pruned, panel.status, panel.curve, panel.offdomain]
     shown = {"show_progress_on": [panel.status]}
     run = handler(run_preview, panel, session)
     runs = [panel.run.click(run, {session}, outputs, **shown, **api("preview"))]
     auto = handler(auto_preview, panel, session)
     for event in plan_events:
         runs.append(event.then(auto, {session, panel.auto}, outputs, **shown, **api(None)))
+    panel.second.change(
+        handler(choose_second_domain, panel, session),
+        {session, panel.second},
+        [session],
+        **api(None),
+    )
     panel.stop.click(stop_runs, None, None, cancels=runs, **api("stop"), queue=False).then(
         stopped, None, panel.status, **api(None)
     )

@@ -67,6 +67,7 @@ class Loaded:
     # entry made by hand (tests) has none and cannot be recalibrated.
     opened: tuple = ()
     dense_ppl: float | None = None  # set by the first preview that ran to the end
+    dense_offdomain: float | None = None  # the same, on the second text domain
 
     @property
     def settings(self) -> Settings:
@@ -182,6 +183,7 @@ class SessionState:
     preview_plan: str | None = None  # the plan JSON that preview was run for (see ``pruning_json``)
     recovered: Recovered | None = None  # the last recovery, re-used by an export of its plan
     node: str | None = None  # the node selected on the Structure tab
+    second_domain: bool = True  # the preview also measures the off-domain text
     folder: str | None = None  # this session's scratch folder for downloads
     policy: AccessPolicy = field(default_factory=AccessPolicy)  # the server's, the same for all
 

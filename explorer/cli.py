@@ -197,6 +197,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     for key, value in overrides.items():
         if value is not None:
             setattr(plan, key, value)
+    if overrides["allocation"] not in (None, "per_layer"):  # ratios the new allocation replaces
+        plan.head_ratios = plan.mlp_ratios = None
     if getattr(args, "recovery", None):
         plan.recovery = [recovery_entry(text) for text in args.recovery.split(",") if text]
     for key in ("calibration", "evaluation"):

@@ -67,7 +67,7 @@ class Explorer:
     _live: LivePreview | None = field(default=None, init=False, repr=False)
     _compensations: dict[str, Compensation] = field(default_factory=dict, init=False, repr=False)
     _sensitivity: dict[str, Sensitivity] = field(default_factory=dict, init=False, repr=False)
-    _offdomain: dict[tuple[int, int], torch.Tensor] = field(
+    _offdomain: dict[tuple[int, int], LivePreview] = field(
         default_factory=dict, init=False, repr=False
     )
 
@@ -363,11 +363,22 @@ class Explorer:
         Calibration and recovery never read it, so a quality figure here next to the evaluation
         text's tells repair from adaptation to the calibration text's domain.
         """
+        return self._offdomain_preview(windows, length).windows
+
+    def _offdomain_preview(self, windows: int, length: int = 256) -> LivePreview:
         key = (windows, length)
         if key not in self._offdomain:
             text = builtin_text("offdomain")
-            self._offdomain[key] = token_windows(self.workspace.tokenizer, text, length, windows)
+            ids = token_windows(self.workspace.tokenizer, text, length, windows)
+            self._offdomain[key] = LivePreview(self.model, self.structure, ids, batch_size=1)
         return self._offdomain[key]
+
+    def iter_offdomain(
+        self, selection: Selection, steps: Sequence[dict] = (), windows: int = OFFDOMAIN_WINDOWS
+    ) -> Iterator[PerplexityStep]:
+        """``iter_perplexity`` on the second domain (its own incremental preview)."""
+        preview = self._offdomain_preview(windows)
+        return preview.run(selection, self.compensation(steps))
 
     def offdomain_perplexity(
         self,
@@ -379,12 +390,10 @@ class Explorer:
     ) -> float:
         """Perplexity on the second domain: of ``selection`` with the live ``steps`` (the preview's
         number there), or of a separate ``model`` (e.g. after recovery) when given."""
-        ids = self.offdomain(windows)
         if model is not None:
-            return perplexity(model, ids)
-        live = LivePreview(self.model, self.structure, ids, batch_size=1)
+            return perplexity(model, self.offdomain(windows))
         step = None
-        for step in live.run(selection, self.compensation(steps, progress)):
+        for step in self.iter_offdomain(selection, steps, windows):
             if progress:
                 progress(step.done / step.total, f"off-domain perplexity {step.perplexity:.2f}")
         return step.perplexity

@@ -97,3 +97,7 @@ def test_a_preset_previews_with_its_live_step_and_the_cli_agrees(client, tmp_pat
     assert abs(cli_ppl - app_ppl) <= 1e-3 * app_ppl  # one plan JSON, one number (2 decimals)
     recovered = float(out.split("after recovery")[1].split("perplexity ")[1].split()[0])
     assert abs(recovered - cli_ppl) <= 1e-3 * cli_ppl  # what Export writes
+    # ... and on the second text domain, previewed with the same live step.
+    app_off = float(final[4].split("→")[1])
+    cli_off = float(out.split("off-domain (")[1].split("with the live steps ")[1].split(",")[0])
+    assert abs(cli_off - app_off) <= 1e-3 * app_off

@@ -30,6 +30,12 @@ def test_cli_replays_each_preset(name, tiny_llama_dir, tmp_path, capsys):
     args += ["--calibration", str(calib), "--evaluation", str(evaluation)]
     args += ["--calibration-windows", "8", "--calibration-length", "16", "--eval-length", "16"]
     args += ["--protect-first", "0", "--protect-last", "0"]  # the tiny model has 2 layers
+    if load_preset(name).allocation == "per_layer":
+        # Ratios measured for SmolLM2's 30 layers: refused on another depth, with the reason;
+        # the allocation that produced them (sensitivity) replays on any model.
+        assert main(args) == 2
+        assert "30 entries but the model has 2 layers" in capsys.readouterr().err
+        args += ["--allocation", "sensitivity"]
     assert main(args) == 0, capsys.readouterr().err[-300:]
     out = capsys.readouterr().out
     assert "of block parameters removed" in out
