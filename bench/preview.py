@@ -99,7 +99,7 @@ def compensated(ex, base: Selection, cut: dict, args) -> None:
     """Issue 12: one layer changes under the live ``surgeon`` update; against a plain recompute.
 
     The incremental run restarts at the changed layer and recomputes that layer's correlated
-    update (the others' are cached); the reference is the masked model's full forward without
+    update from its cached inverse covariance (the other layers' patches are cached); the reference is the masked model's full forward without
     any update, the cost of the preview before it showed what Export writes.
     """
     s, model, windows = ex.structure, ex.model, ex.evaluation
@@ -134,8 +134,8 @@ def compensated(ex, base: Selection, cut: dict, args) -> None:
             f"Compensated preview: a plan cutting 20% of every layer's MLP previewed with the live "
             f"`surgeon` update (one shot, column update of down_proj from the dense input "
             f"covariance, the update Export applies); then one layer gets a new cut, so its "
-            f"update is recomputed (1,536 x 1,536 inverse in float64) and the preview restarts "
-            f"there. Reference: the masked model's full forward without any update. Preview set "
+            f"update is recomputed (from the cached 1,536 x 1,536 float64 inverse of its input "
+            f"covariance: one solve the size of the cut) and the preview restarts there. Reference: the masked model's full forward without any update. Preview set "
             f"{windows.shape[0]} x {windows.shape[1]} tokens; median of {args.repeats} runs. "
             f"Once per session: the input covariances' forward pass over the calibration windows "
             f"({ex.calibration.shape[0]} x {ex.calibration.shape[1]}) {stats_s:.1f} s, the first "
