@@ -109,7 +109,16 @@ def main() -> None:
         layer_done = point.layer
 
     sens = Sensitivity(
-        args.criterion, "-", kinds, ratios, list(windows.shape), steps, dense_ppl, points, sweep_s
+        criterion=args.criterion,
+        reduction="-",
+        kinds=kinds,
+        ratios=ratios,
+        windows=list(windows.shape),
+        steps=steps,
+        text="evaluation",
+        dense_perplexity=dense_ppl,
+        points=points,
+        seconds=sweep_s,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"sensitivity_{args.criterion}" + (f"_{args.recovery}" if steps else "")
