@@ -75,7 +75,6 @@ def main() -> None:
     # Its first windows are the sweep's (the session's held-out), so choices use the ones after.
     sweep_n = args.sensitivity_windows
     held = token_windows(ws.tokenizer, held_text, 256, sweep_n + args.heldout_windows)[sweep_n:]
-    lee = token_windows(ws.tokenizer, builtin_text("evaluation"), 256, 20)
     off = token_windows(ws.tokenizer, builtin_text("offdomain"), 256, 20)
     args.log.parent.mkdir(parents=True, exist_ok=True)
     print(machine_line_for(ws), flush=True)
@@ -125,7 +124,7 @@ def main() -> None:
                             )
                             t1 = time.perf_counter()
                             sel = ex.select(plan, progress=log)
-                            texts_ = {"heldout": held, "lee": lee, "offdomain": off}
+                            texts_ = {"heldout": held, "lee": ex.evaluation, "offdomain": off}
                             row = measure(ex, sel, steps, texts_)
                             row["resolve_s"] = round(time.perf_counter() - t1, 1)
                             row["plan"] = plan.to_dict()

@@ -261,9 +261,9 @@ def open_explorer(plan: Plan, args: argparse.Namespace) -> Explorer:
     )
 
 
-def second_domain(ex: Explorer, sel: Selection, live: list, recovered, windows: int) -> dict:
-    """Dense and pruned perplexity on the off-domain text (and previewed / recovered), printed."""
-    n = windows
+def second_domain(ex: Explorer, sel: Selection, live: list, recovered, n: int) -> dict:
+    """Dense and pruned perplexity on ``n`` windows of the off-domain text (and previewed /
+    recovered), printed."""
     out = {"text": "builtin offdomain (Wikipedia lead paragraphs)", "windows": n, "length": 256}
     out["dense"] = _with_bar("off-domain dense", ex.offdomain_perplexity, Selection(), windows=n)
     out["pruned"] = _with_bar("off-domain pruned", ex.offdomain_perplexity, sel, windows=n)

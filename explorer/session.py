@@ -46,6 +46,15 @@ def heldout_windows_of(tokenizer, text: str, length: int, n: int) -> torch.Tenso
         return None
 
 
+def _final(stream: Iterator[PerplexityStep], progress: Progress | None, label: str) -> float:
+    """The last perplexity of a running stream, each step reported through ``progress``."""
+    step = None
+    for step in stream:
+        if progress:
+            progress(step.done / step.total, f"{label} {step.perplexity:.2f}")
+    return step.perplexity
+
+
 @dataclass
 class Explorer:
     """A workspace plus calibration/evaluation windows and the caches built on them."""
@@ -351,11 +360,7 @@ class Explorer:
         """Perplexity of the pruned view with the live ``steps`` (the shared weights come back)."""
         if selection.is_empty:
             return self.dense_perplexity(progress)
-        step = None
-        for step in self.iter_perplexity(selection, steps):
-            if progress:
-                progress(step.done / step.total, f"perplexity {step.perplexity:.2f}")
-        return step.perplexity
+        return _final(self.iter_perplexity(selection, steps), progress, "perplexity")
 
     def offdomain(self, windows: int = OFFDOMAIN_WINDOWS, length: int = 256) -> torch.Tensor:
         """Windows of the second text domain (``builtin_text("offdomain")``, Wikipedia leads).
@@ -392,11 +397,8 @@ class Explorer:
         number there), or of a separate ``model`` (e.g. after recovery) when given."""
         if model is not None:
             return perplexity(model, self.offdomain(windows))
-        step = None
-        for step in self.iter_offdomain(selection, steps, windows):
-            if progress:
-                progress(step.done / step.total, f"off-domain perplexity {step.perplexity:.2f}")
-        return step.perplexity
+        stream = self.iter_offdomain(selection, steps, windows)
+        return _final(stream, progress, "off-domain perplexity")
 
     def generate(
         self, selection: Selection, prompt: str, **kwargs
