@@ -20,6 +20,8 @@ import pytest
 
 pytest.register_assert_rewrite("tests.app.fixtures")
 
+from playwright.sync_api import TimeoutError as PlaywrightTimeout  # noqa: E402
+
 from components import state  # noqa: E402
 from components.preview import STALE  # noqa: E402
 from explorer.planning.presets import DEFAULT, TITLES, load_preset  # noqa: E402
@@ -252,7 +254,7 @@ def test_the_sweep_runs_from_the_plan_tab_stops_and_draws_its_figures(loop_page)
     # The page takes a click on a button whose last run it still counts as running for nothing:
     # wait until the stopped run has ended on the server.
     until(lambda: not state._RUNS)
-    quietly(page, lambda: page.click("#sens-run"))
+    measure_after_stop(page)
     status = page.inner_text("#sens-status")
     # Every layer at the plan's 5 ratios, MLP channels only (the plan keeps every head).
     assert re.search(r"Done: (\d+) points", status).group(1) == str(
@@ -265,6 +267,25 @@ def test_the_sweep_runs_from_the_plan_tab_stops_and_draws_its_figures(loop_page)
     assert heat[-1]["name"] == "current plan" and len(heat[-1]["x"]) == LAYERS
     names = [trace["name"] for trace in traces(page, "sens-curves")]
     assert [f"layer {i}" in names for i in range(LAYERS)] == [True] * LAYERS
+
+
+def measure_after_stop(page) -> None:
+    """Press Measure again and wait for its "Done" on the status line itself.
+
+    Waiting for the page to go busy and quiet (``quietly``) hung once in a loaded CI run: the
+    click came while the page still counted the cancelled run as pending and was dropped, so the
+    page never went busy. The status line says which run it shows, so the test waits on it and
+    presses again only while the page still shows the stopped run.
+    """
+    done = "#sens-status:has-text('Done:')"
+    for _ in range(10):
+        page.click("#sens-run")
+        try:
+            page.wait_for_selector(f"{done}, #sens-status:has-text('Measuring')", timeout=15_000)
+            break
+        except PlaywrightTimeout:
+            continue
+    page.wait_for_selector(done, timeout=SLOW)
 
 
 def traces(page, plot_id: str) -> list[dict]:
