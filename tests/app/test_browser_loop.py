@@ -272,10 +272,10 @@ def test_the_sweep_runs_from_the_plan_tab_stops_and_draws_its_figures(loop_page)
 def measure_after_stop(page) -> None:
     """Press Measure again and wait for its "Done" on the status line itself.
 
-    Waiting for the page to go busy and quiet (``quietly``) hung once in a loaded CI run: the
-    click came while the page still counted the cancelled run as pending and was dropped, so the
-    page never went busy. The status line says which run it shows, so the test waits on it and
-    presses again only while the page still shows the stopped run.
+    Waiting for the page to go busy and quiet (``quietly``) hung in loaded runs: the page never
+    went busy, probably because it dropped a click that came while it still counted the
+    cancelled run as pending (not confirmed). The status line says which run it shows, so the
+    test waits on it and presses again only while the page still shows the stopped run.
     """
     done = "#sens-status:has-text('Done:')"
     for _ in range(10):
