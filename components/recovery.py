@@ -42,20 +42,21 @@ from .state import (
 
 @dataclass(frozen=True)
 class Field:
-    """A step's parameter that the form shows: one with a number or a yes/no as its default."""
+    """A step's parameter that the form shows: a number, a yes/no, or one of a step's choices."""
 
     step: str
     name: str
-    default: bool | int | float
+    default: bool | int | float | str
+    choices: tuple[str, ...] = ()
 
 
 def fields() -> list[Field]:
     """The form's parameters, step by step in registry order (the order of the form's inputs)."""
     return [
-        Field(name, param, default)
+        Field(name, param, default, tuple(step.choices.get(param, ())))
         for name, step in RECOVERY_STEPS.items()
         for param, default in step.params().items()
-        if isinstance(default, bool | int | float)
+        if isinstance(default, bool | int | float) or param in step.choices
     ]
 
 
@@ -123,6 +124,8 @@ def build() -> RecoverPanel:
 
 def control(f: Field) -> gr.components.Component:
     label, elem_id = f.name.replace("_", " "), f"recover-{f.step}-{f.name}"
+    if f.choices:
+        return gr.Dropdown(list(f.choices), value=f.default, label=label, elem_id=elem_id)
     if isinstance(f.default, bool):
         return gr.Checkbox(f.default, label=label, elem_id=elem_id)
     whole = isinstance(f.default, int)
@@ -148,12 +151,16 @@ def recipe(chosen: Sequence[str] | None, values: Sequence, previous: list[dict])
     return out
 
 
-def checked(step: RecoveryStep, f: Field, value) -> bool | int | float:
+def checked(step: RecoveryStep, f: Field, value) -> bool | int | float | str:
     """A form value as the step takes it, refused when out of range.
 
     Numbers must be finite and not negative; a count whose default is at least 1 (steps, rank,
-    batch size, shots) must be at least 1.
+    batch size, shots) must be at least 1; a choice must be one of the step's.
     """
+    if f.choices:
+        if value not in f.choices:
+            raise PlanError(f"{step.title}: {f.name} must be one of {', '.join(f.choices)}.")
+        return value
     if isinstance(f.default, bool):
         return bool(value)
     whole = isinstance(f.default, int)

@@ -16,7 +16,13 @@ Training runs under ``accelerate`` (its device: CUDA when present), either on Lo
 (``lora_rank`` > 0, merged afterwards) or on every kept weight of the decoder blocks and the final
 norm (the tied embedding / output head stays frozen). With ``top_k`` > 0 and no hidden loss the
 teacher runs once over the windows before training; ``cache_teacher`` keeps that top-k slice in
-the project cache, keyed by the teacher's weights, the windows and k, so a rerun skips it.
+the project cache, keyed by the teacher's weights, the windows and k, so a rerun skips it. The
+learning rate warms up over the first tenth of the steps and then decays on a cosine to zero
+(``schedule``, ``warmup``), the usual recipe for short fine-tuning runs: the first steps do not
+kick a freshly pruned model with full-size updates, and the last ones are small. ``precision``
+"bf16" runs the student's and the teacher's forward passes under bfloat16 autocast (see
+``training.train``): the targets are then the dense model's bf16 distribution, whose perplexity is
+within a few hundredths of the fp32 one, and the teacher pass costs a fifth as much.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from ..model.loading import cache_root
 from ..model.structure import StructureMap
 from ..progress import Progress
 from .steps import RecoveryContext, RecoveryStep, _hooks
-from .training import train
+from .training import PRECISIONS, SCHEDULES, train
 
 PROMPT_TOKENS = 8  # generated text: each window continues the first tokens of a calibration window
 
@@ -109,14 +115,20 @@ class LayerOutputs:
 # -- the teacher's targets, once -------------------------------------------------------------------------
 @torch.no_grad()
 def teacher_top_k(
-    teacher: nn.Module, windows: torch.Tensor, top_k: int, batch_size: int = 4, progress=None
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    top_k: int,
+    batch_size: int = 4,
+    progress=None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(values, indices), each (windows, length, k): the teacher's top-k logits per position."""
     device = next(teacher.parameters()).device
     values, indices = [], []
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size].to(device)
-        logits = teacher(input_ids=ids, use_cache=False).logits
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            logits = teacher(input_ids=ids, use_cache=False).logits
         top = logits.float().topk(top_k, dim=-1)
         values.append(top.values.cpu())
         indices.append(top.indices.cpu())
@@ -126,8 +138,10 @@ def teacher_top_k(
     return torch.cat(values), torch.cat(indices)
 
 
-def teacher_cache_path(teacher: nn.Module, windows: torch.Tensor, top_k: int) -> Path:
-    """The cache file for these weights, windows and k (a digest of all three)."""
+def teacher_cache_path(
+    teacher: nn.Module, windows: torch.Tensor, top_k: int, precision: str = "fp32"
+) -> Path:
+    """The cache file for these weights, windows, k and precision (a digest of all four)."""
     digest = hashlib.sha256()
     digest.update(teacher.config.to_json_string().encode())
     with torch.no_grad():
@@ -135,18 +149,20 @@ def teacher_cache_path(teacher: nn.Module, windows: torch.Tensor, top_k: int) ->
     digest.update(sums.cpu().numpy().tobytes())
     digest.update(windows.cpu().numpy().tobytes())
     digest.update(str(top_k).encode())
+    if precision != "fp32":
+        digest.update(precision.encode())
     return cache_root() / "distill" / f"teacher-top{top_k}-{digest.hexdigest()[:24]}.pt"
 
 
 def cached_teacher_top_k(
-    teacher: nn.Module, windows: torch.Tensor, top_k: int, progress=None
+    teacher: nn.Module, windows: torch.Tensor, top_k: int, progress=None, precision: str = "fp32"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``teacher_top_k``, read from or written to the project cache."""
-    path = teacher_cache_path(teacher, windows, top_k)
+    path = teacher_cache_path(teacher, windows, top_k, precision)
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return saved["values"], saved["indices"]
-    values, indices = teacher_top_k(teacher, windows, top_k, progress=progress)
+    values, indices = teacher_top_k(teacher, windows, top_k, progress=progress, precision=precision)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"values": values, "indices": indices}, tmp)
@@ -170,6 +186,9 @@ def distill(
     lora_rank: int = 0,
     cache_teacher: bool = False,
     kept_hidden: torch.Tensor | None = None,
+    schedule: str = "cosine",
+    warmup: float = 0.1,
+    precision: str = "fp32",
     seed: int = 0,
     progress: Progress | None = None,
 ) -> list[float]:
@@ -185,7 +204,7 @@ def distill(
     data: list[torch.Tensor] = [windows]
     if precomputed:
         top = cached_teacher_top_k if cache_teacher else teacher_top_k
-        data += list(top(teacher, windows, top_k, progress=progress))
+        data += list(top(teacher, windows, top_k, progress=progress, precision=precision))
     student_out = LayerOutputs(student, structure, range(len(kept_layers)))
     teacher_out = LayerOutputs(teacher, structure, kept_layers)
 
@@ -215,6 +234,9 @@ def distill(
         batch_size=batch_size,
         lora_rank=lora_rank,
         trainable=lambda name: name.startswith((layers, final_norm)),
+        schedule=schedule,
+        warmup=warmup,
+        precision=precision,
         seed=seed,
         label="Distillation",
         progress=progress,
@@ -246,6 +268,9 @@ def _distill_step(
     lora_rank: int = 0,
     generated: bool = False,
     cache_teacher: bool = False,
+    schedule: str = "cosine",
+    warmup: float = 0.1,
+    precision: str = "fp32",
     seed: int = 0,
 ) -> dict:
     s, sel = ctx.structure, ctx.selection
@@ -269,6 +294,9 @@ def _distill_step(
         lora_rank=lora_rank,
         cache_teacher=cache_teacher,
         kept_hidden=kept_hidden,
+        schedule=schedule,
+        warmup=warmup,
+        precision=precision,
         seed=seed,
         progress=ctx.progress,
     )
@@ -284,4 +312,5 @@ DISTILL_STEP = RecoveryStep(
     title="Distillation from the dense model (KL on next-token logits; LoRA or all weights)",
     run=_distill_step,
     paper="Minitron (Muralidharan et al., arXiv 2407.14679)",
+    choices={"schedule": SCHEDULES, "precision": PRECISIONS},
 )

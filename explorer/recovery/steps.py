@@ -15,9 +15,9 @@ the pruned model keeps its shapes and saves as a plain model.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -57,6 +57,7 @@ class RecoveryStep:
     title: str
     run: Callable[..., dict]
     paper: str = ""
+    choices: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # text parameters' values
 
     def params(self) -> dict[str, object]:
         """The step's parameters with their defaults (for forms and recipe checks)."""
@@ -85,6 +86,12 @@ def run_steps(
                 f"Recovery step '{name}' has no parameter {', '.join(sorted(unknown))}. "
                 f"It takes: {', '.join(step.params()) or 'none'}."
             )
+        for param, allowed in step.choices.items():
+            if param in params and params[param] not in allowed:
+                raise PlanError(
+                    f"Recovery step '{name}': {param} = {params[param]!r} is not one of "
+                    f"{', '.join(allowed)}."
+                )
         report = {"step": name, **step.run(ctx, **params)}
         after = heldout_perplexity(ctx.pruned, ctx.heldout)
         reports.append({**report, **judged(name, before, after)})

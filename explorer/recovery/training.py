@@ -6,14 +6,35 @@ step AdamW, report each step (where the Recover tab's Stop ends the run) and lea
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
 
+from ..errors import PlanError
 from ..progress import Progress
 
 LossFn = Callable[..., torch.Tensor]
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("fp32", "bf16")
+
+
+def lr_factor(step: int, steps: int, schedule: str, warmup: float) -> float:
+    """The learning-rate multiplier for 0-based ``step`` of ``steps``.
+
+    A linear warm-up over the first ``warmup`` share of the steps, then either constant or a
+    cosine decay to zero at the last step: the usual shape for short fine-tuning runs, where
+    full-size first steps on a freshly pruned model and full-size last steps both add noise.
+    """
+    ramp = max(1, round(warmup * steps))
+    if warmup > 0 and step < ramp:
+        return (step + 1) / ramp
+    if schedule == "constant":
+        return 1.0
+    start = ramp if warmup > 0 else 0
+    progress = (step - start) / max(1, steps - start)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train(
@@ -28,6 +49,9 @@ def train(
     lora_alpha: float | None = None,
     target_modules: str | Sequence[str] = "all-linear",
     trainable: Callable[[str], bool] | None = None,
+    schedule: str = "constant",
+    warmup: float = 0.0,
+    precision: str = "fp32",
     seed: int = 0,
     label: str = "Training",
     progress: Progress | None = None,
@@ -36,10 +60,18 @@ def train(
 
     ``lora_rank`` > 0 trains LoRA adapters (``"all-linear"``: every linear module but the output
     head; alpha 2 · rank unless given) and merges them back, so the model keeps plain ``nn.Linear``
-    modules; 0 trains the parameters whose names ``trainable`` accepts (None: all). Runs under ``accelerate``: the model is moved to its device (CUDA when
-    present); data batches arrive there too. Each step reports through ``progress``, which is
-    where a Stop ends the run.
+    modules; 0 trains the parameters whose names ``trainable`` accepts (None: all). The learning
+    rate follows ``lr_factor`` (``schedule``, ``warmup``). ``precision="bf16"`` computes the loss
+    under bfloat16 autocast while the weights, their gradients and AdamW's state stay fp32 (mixed
+    precision): on a CPU with AVX512-BF16 or AMX, and on recent GPUs, the matrix products run
+    several times faster (forward and backward 2.3-3x on this project's CPU). Runs under
+    ``accelerate``: the model is moved to its device (CUDA when present); data batches arrive
+    there too. Each step reports through ``progress``, which is where a Stop ends the run.
     """
+    if schedule not in SCHEDULES:  # before anything touches the model
+        raise PlanError(f"Unknown learning-rate schedule {schedule!r}; use one of {SCHEDULES}.")
+    if precision not in PRECISIONS:
+        raise PlanError(f"Unknown training precision {precision!r}; use one of {PRECISIONS}.")
     from accelerate import Accelerator
     from peft import LoraConfig, get_peft_model
     from torch.utils.data import DataLoader, TensorDataset
@@ -70,6 +102,9 @@ def train(
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
     )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, steps, schedule, warmup)
+    )
     wrapped, optimizer, loader = accelerator.prepare(wrapped, optimizer, loader)
     wrapped.train()
     losses: list[float] = []
@@ -80,9 +115,15 @@ def train(
         except StopIteration:  # another epoch over the windows
             batches = iter(loader)
             batch = next(batches)
-        loss = loss_fn(wrapped, *batch)
+        # autocast here, not accelerate's mixed_precision: that one is process-wide state, fixed by
+        # the first Accelerator, and LoRA and distillation may ask differently in one session.
+        with torch.autocast(
+            accelerator.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"
+        ):
+            loss = loss_fn(wrapped, *batch)
         accelerator.backward(loss)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad()
         losses.append(float(accelerator.gather(loss.detach()).mean()))
         if progress is not None:

@@ -477,6 +477,13 @@ def test_a_plans_recovery_fills_the_recover_form_and_comes_back_from_it():
     zero_rank = [0 if key == ("lora", "rank") else v for key, v in form.items()]
     with pytest.raises(PlanError, match="rank = 0 is out of range"):
         recovery.recipe(["lora"], zero_rank, [])
+    # Text parameters are dropdowns of the step's choices, refused outside them.
+    assert form["distill", "precision"] == "fp32" and form["distill", "schedule"] == "cosine"
+    (distill,) = recovery.recipe(["distill"], values, [])
+    assert distill["precision"] == "fp32" and distill["warmup"] == 0.1
+    fp8 = ["fp8" if key == ("distill", "precision") else v for key, v in form.items()]
+    with pytest.raises(PlanError, match="precision must be one of fp32, bf16"):
+        recovery.recipe(["distill"], fp8, [])
 
 
 def test_the_loss_curve_shows_every_step_that_trains():

@@ -18,6 +18,7 @@ from explorer.recovery.distill import (
     teacher_cache_path,
 )
 from explorer.recovery.steps import RecoveryContext, run_steps
+from explorer.recovery.training import lr_factor
 from tests.tiny import tiny, tokens
 
 
@@ -141,3 +142,32 @@ def test_distilled_model_exports_and_reloads_with_the_same_logits(tiny_tokenizer
     assert not result.remote_code
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(logits(reloaded, ids), logits(pruned, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_zero():
+    factors = [lr_factor(k, 20, "cosine", 0.1) for k in range(20)]
+    assert factors[:3] == [0.5, 1.0, 1.0]  # two warm-up steps, then the full rate
+    assert all(a >= b for a, b in zip(factors[1:], factors[2:], strict=False))
+    assert factors[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 17 / 18)))
+    assert [lr_factor(k, 5, "constant", 0.0) for k in range(5)] == [1.0] * 5
+
+
+def test_unknown_schedule_is_refused():
+    model, s, sel, pruned = pruned_pair()
+    with pytest.raises(PlanError, match="schedule"):
+        run_distill(model, s, sel, pruned, tokens(), schedule="linear")
+
+
+def test_bf16_distillation_starts_at_the_fp32_loss_lowers_it_and_keeps_fp32_weights():
+    model, s, sel, pruned = pruned_pair()
+    ids = tokens(4, 10)
+    first = distillation_loss(logits(pruned, ids), TeacherLogits.of(logits(model, ids)), 1.0)
+    report = run_distill(
+        model, s, sel, pruned, ids, steps=12, lr=1e-3, batch_size=4, precision="bf16"
+    )
+    losses = report["losses"]
+    assert losses[0] == pytest.approx(first.item(), rel=0.05)  # bf16 rounding only
+    assert losses[-1] < 0.5 * losses[0]
+    assert {p.dtype for p in pruned.parameters()} == {torch.float32}
+    with pytest.raises(PlanError, match="precision"):
+        run_distill(model, s, sel, pruned, ids, precision="fp8")
