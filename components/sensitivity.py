@@ -114,8 +114,15 @@ def stopped(session: SessionState) -> tuple:
 
 def wire(panel: SensitivityPanel, session: gr.State, plan_events: list) -> None:
     outputs = [panel.status, panel.heatmap, panel.curves]
+    # "always_last": a press that lands while the page still counts a stopped run as pending is
+    # kept and runs once that run has ended, instead of being dropped ("once", the default).
     run = panel.run.click(
-        run_sweep, [session, panel.kind], outputs, show_progress_on=[panel.status], **api("sweep")
+        run_sweep,
+        [session, panel.kind],
+        outputs,
+        show_progress_on=[panel.status],
+        trigger_mode="always_last",
+        **api("sweep"),
     )
     panel.stop.click(stop_runs, None, None, cancels=[run], queue=False, **api(None)).then(
         stopped, [session], [panel.status], **api(None)
