@@ -4,8 +4,13 @@ The dense model is the teacher, the pruned one the student. The loss per token i
 
     T² · KL(softmax(z_t / T) ‖ softmax(z_s / T)),   averaged over every position of every window,
 
-optionally restricted to the teacher's top-k logits (renormalised over those k; the student keeps
-its full softmax, so mass it puts outside the teacher's top k is still paid for), plus, with
+optionally restricted to the teacher's top-k tokens: the KL then runs over k + 1 bins, the k
+tokens and the rest of the vocabulary as one, with both models' true probabilities (the teacher's
+from its full softmax, whose normaliser is kept beside the top k). That binned KL is zero exactly
+when the student matches the teacher on the k tokens and on the tail's total mass. Renormalising
+the teacher over its top k instead would put the optimum where the student puts no mass at all
+outside those k: a student sharper than the teacher, which pays for it on every
+real token outside them. Plus, with
 ``hidden_weight`` > 0, the relative squared error ‖h_s − h_t‖² / ‖h_t‖² between each kept block's
 output and the dense block it came from (relative, because a few massive-activation positions
 would otherwise dominate a plain MSE). Unlike fine-tuning on the language-modelling loss, the
@@ -55,13 +60,15 @@ class TeacherLogits:
 
     logits: torch.Tensor  # (batch, length, vocab) or (batch, length, k)
     indices: torch.Tensor | None = None  # (batch, length, k)
+    log_normalizer: torch.Tensor | None = None  # (batch, length): logsumexp of all logits / T
 
     @classmethod
-    def of(cls, logits: torch.Tensor, top_k: int = 0) -> TeacherLogits:
+    def of(cls, logits: torch.Tensor, top_k: int = 0, temperature: float = 1.0) -> TeacherLogits:
         if top_k <= 0 or top_k >= logits.shape[-1]:
             return cls(logits)
         top = logits.topk(top_k, dim=-1)
-        return cls(top.values, top.indices)
+        lse = torch.logsumexp(_at_least_fp32(logits) / temperature, dim=-1)
+        return cls(top.values, top.indices, lse)
 
 
 def distillation_loss(
@@ -70,11 +77,23 @@ def distillation_loss(
     """T² · mean over tokens of KL(p_t ‖ p_s) at temperature T (see the module docstring)."""
     t = temperature
     log_q = F.log_softmax(_at_least_fp32(student_logits) / t, dim=-1)
-    if teacher.indices is not None:
-        log_q = log_q.gather(-1, teacher.indices)
-    log_p = F.log_softmax(_at_least_fp32(teacher.logits) / t, dim=-1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if teacher.indices is None:
+        log_p = F.log_softmax(_at_least_fp32(teacher.logits) / t, dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)
+        return t * t * kl.mean()
+    if teacher.log_normalizer is None:
+        raise ValueError("Top-k teacher logits need the full normaliser (TeacherLogits.of).")
+    log_p = _at_least_fp32(teacher.logits) / t - teacher.log_normalizer.unsqueeze(-1)
+    log_q = log_q.gather(-1, teacher.indices)  # the student's true log-probabilities there
+    log_p_rest, log_q_rest = _log_rest(log_p), _log_rest(log_q)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + log_p_rest.exp() * (log_p_rest - log_q_rest)
     return t * t * kl.mean()
+
+
+def _log_rest(log_probs: torch.Tensor) -> torch.Tensor:
+    """log(1 − Σ p) over the last axis: the log of the mass outside these tokens."""
+    inside = torch.logsumexp(log_probs, dim=-1).clamp(max=0.0)
+    return torch.log((-torch.expm1(inside)).clamp(min=1e-30))
 
 
 def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
@@ -121,53 +140,65 @@ def teacher_top_k(
     batch_size: int = 4,
     progress=None,
     precision: str = "fp32",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(values, indices), each (windows, length, k): the teacher's top-k logits per position."""
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(values, indices, normaliser): the teacher's top-k logits per position, each (windows,
+    length, k), and the logsumexp of all its logits / T, (windows, length)."""
     device = next(teacher.parameters()).device
-    values, indices = [], []
+    values, indices, normalizers = [], [], []
     for start in range(0, len(windows), batch_size):
         ids = windows[start : start + batch_size].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = teacher(input_ids=ids, use_cache=False).logits
-        top = logits.float().topk(top_k, dim=-1)
-        values.append(top.values.cpu())
-        indices.append(top.indices.cpu())
+        target = TeacherLogits.of(logits.float(), top_k, temperature)
+        values.append(target.logits.cpu())
+        indices.append(target.indices.cpu())
+        normalizers.append(target.log_normalizer.cpu())
         if progress is not None:
             done = min(start + batch_size, len(windows))
             progress(done / len(windows), f"Teacher logits {done}/{len(windows)}")
-    return torch.cat(values), torch.cat(indices)
+    return torch.cat(values), torch.cat(indices), torch.cat(normalizers)
 
 
 def teacher_cache_path(
-    teacher: nn.Module, windows: torch.Tensor, top_k: int, precision: str = "fp32"
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    top_k: int,
+    precision: str = "fp32",
+    temperature: float = 1.0,
 ) -> Path:
-    """The cache file for these weights, windows, k and precision (a digest of all four)."""
+    """The cache file for these weights, windows, k, precision and temperature (a digest)."""
     digest = hashlib.sha256()
     digest.update(teacher.config.to_json_string().encode())
     with torch.no_grad():
         sums = torch.stack([p.detach().double().sum() for p in teacher.parameters()])
     digest.update(sums.cpu().numpy().tobytes())
     digest.update(windows.cpu().numpy().tobytes())
-    digest.update(str(top_k).encode())
-    if precision != "fp32":
-        digest.update(precision.encode())
+    digest.update(f"{top_k} {precision} {temperature!r} with-normaliser".encode())
     return cache_root() / "distill" / f"teacher-top{top_k}-{digest.hexdigest()[:24]}.pt"
 
 
 def cached_teacher_top_k(
-    teacher: nn.Module, windows: torch.Tensor, top_k: int, progress=None, precision: str = "fp32"
-) -> tuple[torch.Tensor, torch.Tensor]:
+    teacher: nn.Module,
+    windows: torch.Tensor,
+    top_k: int,
+    progress=None,
+    precision: str = "fp32",
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``teacher_top_k``, read from or written to the project cache."""
-    path = teacher_cache_path(teacher, windows, top_k, precision)
+    path = teacher_cache_path(teacher, windows, top_k, precision, temperature)
     if path.is_file():
         saved = torch.load(path, weights_only=True)
-        return saved["values"], saved["indices"]
-    values, indices = teacher_top_k(teacher, windows, top_k, progress=progress, precision=precision)
+        return saved["values"], saved["indices"], saved["normalizers"]
+    values, indices, normalizers = teacher_top_k(
+        teacher, windows, top_k, progress=progress, precision=precision, temperature=temperature
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    torch.save({"values": values, "indices": indices}, tmp)
+    torch.save({"values": values, "indices": indices, "normalizers": normalizers}, tmp)
     tmp.replace(path)
-    return values, indices
+    return values, indices, normalizers
 
 
 def distill(
@@ -204,17 +235,26 @@ def distill(
     data: list[torch.Tensor] = [windows]
     if precomputed:
         top = cached_teacher_top_k if cache_teacher else teacher_top_k
-        data += list(top(teacher, windows, top_k, progress=progress, precision=precision))
+        data += list(
+            top(
+                teacher,
+                windows,
+                top_k,
+                progress=progress,
+                precision=precision,
+                temperature=temperature,
+            )
+        )
     student_out = LayerOutputs(student, structure, range(len(kept_layers)))
     teacher_out = LayerOutputs(teacher, structure, kept_layers)
 
     def loss_fn(model, ids, *cached):
         if cached:
-            target = TeacherLogits(cached[0], cached[1])
+            target = TeacherLogits(*cached)
         else:
             with torch.no_grad(), teacher_out.hooks():
                 logits = teacher(input_ids=ids.to(teacher_device), use_cache=False).logits
-            target = TeacherLogits.of(logits.to(ids.device), top_k)
+            target = TeacherLogits.of(logits.to(ids.device), top_k, temperature)
         with student_out.hooks():
             logits = model(input_ids=ids, use_cache=False).logits
         loss = distillation_loss(logits, target, temperature)
