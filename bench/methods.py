@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -144,7 +145,16 @@ class Bench:
 
     def context(self, pruned, sel, ex: Explorer | None = None) -> RecoveryContext:
         ex = ex or self.ex
-        return RecoveryContext(ex.model, pruned, ex.structure, sel, self.ex.calibration, ex._stats)
+        return RecoveryContext(
+            ex.model,
+            pruned,
+            ex.structure,
+            sel,
+            self.ex.calibration,
+            ex._stats,
+            progress=log,
+            heldout=self.selection_windows,  # each step's report: held-out before and after
+        )
 
     # -- rows -------------------------------------------------------------------------------------------
     def row(self, label: str, recovery: str, model, sel, seconds: Spent, calib: str) -> float:
@@ -194,6 +204,11 @@ class Bench:
                 if step == "distill" and self.distill_windows is not None:
                     context = replace(context, windows=self.distill_windows)
                 (report,) = run_steps([self.step_entry(step)], context, RECOVERY_STEPS)
+                if "heldout_before" in report:
+                    self.notes.append(
+                        f"{m.label}, {recovery}: {step} on the held-out slice "
+                        f"{report['heldout_before']:.2f} -> {report['heldout_after']:.2f}"
+                    )
                 if report.get("losses"):
                     losses = report["losses"]
                     self.notes.append(
@@ -223,6 +238,9 @@ class Bench:
             "batch_size": a.distill_batch,
             "top_k": a.distill_top_k,
             "temperature": a.distill_temperature,
+            "schedule": a.distill_schedule,
+            "warmup": a.distill_warmup,
+            "precision": a.distill_precision,
             "hidden_weight": a.distill_hidden,
             "lora_rank": a.distill_lora_rank,
             "generated": a.distill_generated,
@@ -267,7 +285,8 @@ class Bench:
                 f"{a.lora_steps} steps x {a.lora_batch} windows of {a.length} tokens, lr "
                 f"{a.lora_lr} (LLM-Pruner trains ~2 epochs on 50k samples: far fewer here). "
                 f"Distillation: {a.distill_steps} steps x {a.distill_batch} windows, lr "
-                f"{a.distill_lr}, T {a.distill_temperature}, top-k {a.distill_top_k or 'all'}, "
+                f"{a.distill_lr} ({a.distill_schedule}, warm-up {a.distill_warmup:.0%}), "
+                f"{a.distill_precision}, T {a.distill_temperature}, top-k {a.distill_top_k or 'all'}, "
                 f"hidden weight {a.distill_hidden}, "
                 f"{'LoRA rank ' + str(a.distill_lora_rank) if a.distill_lora_rank else 'all block weights'}"
                 f"{', on self-generated text' if a.distill_generated else ''}"
@@ -416,6 +435,9 @@ def main() -> None:
     parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-top-k", type=int, default=64)
     parser.add_argument("--distill-temperature", type=float, default=1.0)
+    parser.add_argument("--distill-schedule", default="cosine", choices=("constant", "cosine"))
+    parser.add_argument("--distill-warmup", type=float, default=0.1)
+    parser.add_argument("--distill-precision", default="fp32", choices=("fp32", "bf16"))
     parser.add_argument("--distill-hidden", type=float, default=0.0)
     parser.add_argument("--distill-lora-rank", type=int, default=0)
     parser.add_argument("--distill-generated", action="store_true")
@@ -521,6 +543,11 @@ def choose(bench: Bench, target: float) -> str:
         + ", ".join(f"{k} {v:.2f}" for k, v in sorted(scored.items(), key=lambda kv: kv[1]))
     )
     return min(scored, key=scored.get)
+
+
+def log(fraction: float, message: str) -> None:
+    """A recovery step's progress, timestamped on stderr (where a long step's pace shows)."""
+    print(f"  {time.strftime('%H:%M:%S')} {fraction:4.0%} {message}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ RECIPES = Path(__file__).parent / "recipes"
 TITLES: dict[str, str] = {
     "best": "Best measured: per-layer MLP cuts from the held-out sensitivity sweep, "
     "surgeon_greedy order, correlated update",
+    "best_50": "Best measured at 50%: per-layer head and MLP cuts from the held-out sensitivity "
+    "sweep (KL), surgeon_greedy order, correlated update",
     "llm_pruner_taylor": "LLM-Pruner: Taylor, uniform over layers 4-27 (10 x 64 calibration)",
     "wanda_sp": "Wanda-sp: |W|·‖X‖, uniform over layers 4-27",
     "flap": "FLAP: fluctuation, one global threshold, bias compensation",

@@ -16,7 +16,8 @@ def test_every_preset_is_a_plan_file():
     for name in preset_names():
         plan = load_preset(name)
         assert Plan.from_json(preset_path(name).read_text()) == plan
-        assert plan.target == 0.2 and plan.model == "smollm2-135m"
+        assert plan.target == (0.5 if name == "best_50" else 0.2)
+        assert plan.model == "smollm2-135m"
     with pytest.raises(PlanError, match="Unknown preset"):
         load_preset("nope")
 
