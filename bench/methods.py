@@ -38,6 +38,7 @@ from explorer.planning.plan import Plan, allocate
 from explorer.planning.selection import Selection
 from explorer.recovery.steps import RecoveryContext, lora_recovery, run_steps
 from explorer.recovery.surgeon import surgeon_prune
+from explorer.recovery.training import PRECISIONS, SCHEDULES
 from explorer.scoring.flap import FLAP_NEEDS
 from explorer.session import Explorer
 
@@ -435,9 +436,9 @@ def main() -> None:
     parser.add_argument("--distill-batch", type=int, default=2)
     parser.add_argument("--distill-top-k", type=int, default=64)
     parser.add_argument("--distill-temperature", type=float, default=1.0)
-    parser.add_argument("--distill-schedule", default="cosine", choices=("constant", "cosine"))
+    parser.add_argument("--distill-schedule", default="cosine", choices=SCHEDULES)
     parser.add_argument("--distill-warmup", type=float, default=0.1)
-    parser.add_argument("--distill-precision", default="fp32", choices=("fp32", "bf16"))
+    parser.add_argument("--distill-precision", default="fp32", choices=PRECISIONS)
     parser.add_argument("--distill-hidden", type=float, default=0.0)
     parser.add_argument("--distill-lora-rank", type=int, default=0)
     parser.add_argument("--distill-generated", action="store_true")

@@ -26,8 +26,9 @@ learning rate warms up over the first tenth of the steps and then decays on a co
 (``schedule``, ``warmup``), the usual recipe for short fine-tuning runs: the first steps do not
 kick a freshly pruned model with full-size updates, and the last ones are small. ``precision``
 "bf16" runs the student's and the teacher's forward passes under bfloat16 autocast (see
-``training.train``): the targets are then the dense model's bf16 distribution, whose perplexity is
-within a few hundredths of the fp32 one, and the teacher pass costs a fifth as much.
+``training.train``): the targets are then the dense model's bf16 distribution (SmolLM2 on lee.cor:
+34.36 against 34.33 in fp32), and a forward pass takes about 2.6 times less time on this project's
+CPU (that evaluation: 13.3 s against 34.4 s).
 """
 
 from __future__ import annotations
