@@ -245,6 +245,8 @@ class Bench:
             "hidden_weight": a.distill_hidden,
             "lora_rank": a.distill_lora_rank,
             "generated": a.distill_generated,
+            "generated_count": a.distill_generated_count,
+            "with_calibration": a.distill_with_calibration,
             "cache_teacher": a.distill_top_k > 0,
         }
 
@@ -290,7 +292,7 @@ class Bench:
                 f"{a.distill_precision}, T {a.distill_temperature}, top-k {a.distill_top_k or 'all'}, "
                 f"hidden weight {a.distill_hidden}, "
                 f"{'LoRA rank ' + str(a.distill_lora_rank) if a.distill_lora_rank else 'all block weights'}"
-                f"{', on self-generated text' if a.distill_generated else ''}"
+                f"{generated_text(a)}"
                 f"{f' on {a.distill_windows} x 256 fresh lee_background windows' if a.distill_windows else ''}. "
                 "Time: pruning (calibration pass share, scoring, updates) plus recovery, "
                 "evaluation excluded, as wall seconds and as CPU seconds of the benchmark process "
@@ -442,6 +444,8 @@ def main() -> None:
     parser.add_argument("--distill-hidden", type=float, default=0.0)
     parser.add_argument("--distill-lora-rank", type=int, default=0)
     parser.add_argument("--distill-generated", action="store_true")
+    parser.add_argument("--distill-generated-count", type=int, default=0, help="0: one per window")
+    parser.add_argument("--distill-with-calibration", action="store_true")
     parser.add_argument(
         "--distill-windows",
         type=int,
@@ -530,6 +534,15 @@ def main() -> None:
         bench.run_row(table[key], recovery)
         if key in HALF_KEYS or (table[key].plan.target or 0) >= 0.5:
             bench.sample(table[key], recovery)
+
+
+def generated_text(a: argparse.Namespace) -> str:
+    """The header's words for distillation's self-generated text, if any."""
+    if not a.distill_generated:
+        return ""
+    count = f"{a.distill_generated_count} windows of" if a.distill_generated_count else ""
+    beside = " beside the calibration windows" if a.distill_with_calibration else ""
+    return f", on {count} self-generated text{beside}".replace("  ", " ")
 
 
 def choose(bench: Bench, target: float) -> str:
