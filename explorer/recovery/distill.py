@@ -55,7 +55,7 @@ from ..model.loading import cache_root
 from ..model.structure import StructureMap
 from ..progress import Progress
 from .steps import RecoveryContext, RecoveryStep, _hooks
-from .training import PRECISIONS, SCHEDULES, train
+from .training import PRECISIONS, SCHEDULES, precision_caution, train
 
 PROMPT_TOKENS = 8  # generated text: each window continues the first tokens of a calibration window
 
@@ -357,6 +357,9 @@ def _distill_step(
 ) -> dict:
     s, sel = ctx.structure, ctx.selection
     windows = ctx.windows
+    caution = precision_caution(precision, next(ctx.dense.parameters()).device)
+    if caution and ctx.progress is not None:  # said before the slow part, not only after it
+        ctx.progress(0.0, caution)
     if generated:
         own = generated_windows(
             ctx.dense,
@@ -394,6 +397,7 @@ def _distill_step(
         "losses": losses,
         "text": _text_label(generated, with_calibration),
         "tokens": int(windows.numel()),
+        **({"warning": caution} if caution else {}),
     }
 
 

@@ -72,7 +72,8 @@ def run_steps(
 
     ``steps`` is the catalogue's ``RECOVERY_STEPS`` (passed in: this module is below it). With
     ``ctx.heldout`` windows each report also has their perplexity before and after the step, and a
-    ``warning`` when the step made it worse (``explorer.recovery.heldout``).
+    ``warning`` when the step made it worse (``explorer.recovery.heldout``), after any warning of
+    the step's own (a slow precision, say).
     """
     reports = []
     before = heldout_perplexity(ctx.pruned, ctx.heldout)
@@ -94,7 +95,11 @@ def run_steps(
                 )
         report = {"step": name, **step.run(ctx, **params)}
         after = heldout_perplexity(ctx.pruned, ctx.heldout)
-        reports.append({**report, **judged(name, before, after)})
+        judgement = judged(name, before, after)
+        warnings = [w for w in (report.pop("warning", None), judgement.pop("warning", None)) if w]
+        reports.append(
+            {**report, **judgement, **({"warning": " ".join(warnings)} if warnings else {})}
+        )
         before = after
     return reports
 

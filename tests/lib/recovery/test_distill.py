@@ -201,3 +201,22 @@ def test_bf16_distillation_starts_at_the_fp32_loss_lowers_it_and_keeps_fp32_weig
     assert {p.dtype for p in pruned.parameters()} == {torch.float32}
     with pytest.raises(PlanError, match="precision"):
         run_distill(model, s, sel, pruned, ids, precision="fp8")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_without_native_support_warns_first_and_in_the_report(monkeypatch, native):
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    model, s, sel, pruned = pruned_pair()
+    ids = tokens(2, 10)
+    said: list[str] = []
+    ctx = RecoveryContext(model, pruned, s, sel, ids, progress=lambda f, m: said.append(m))
+    ctx.heldout = ids[:1]
+    (report,) = run_steps([{"step": "distill", "steps": 1, "lr": 50.0, "precision": "bf16"}], ctx,
+                          RECOVERY_STEPS)  # fmt: skip
+    # lr 50 wrecks the student, so the held-out warning is there too, after the step's own
+    assert report["warning"].endswith("the export still works.")
+    assert ("use precision fp32 here" in report["warning"]) is not native
+    assert ("use precision fp32 here" in said[0]) is not native
+    (plain,) = run_steps([{"step": "distill", "steps": 1, "lr": 0.0}], ctx, RECOVERY_STEPS)
+    assert "warning" not in plain
