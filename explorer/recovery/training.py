@@ -94,9 +94,8 @@ def train(
     under bfloat16 autocast while the weights, their gradients and AdamW's state stay fp32 (mixed
     precision): on a CPU with AVX512-BF16 or AMX, and on recent GPUs, the matrix products run
     several times faster (forward and backward 2.3-3x on such a CPU), and elsewhere far slower
-    (``precision_caution``). Runs under
-    ``accelerate``: the model is moved to its device (CUDA when present); data batches arrive
-    there too. Each step reports through ``progress``, which is where a Stop ends the run.
+    (``precision_caution``). Runs under ``accelerate``: the model is moved to its device (CUDA
+    when present); data batches arrive there too. Each step reports through ``progress``, which is where a Stop ends the run.
     """
     if schedule not in SCHEDULES:  # before anything touches the model
         raise PlanError(f"Unknown learning-rate schedule {schedule!r}; use one of {SCHEDULES}.")

@@ -210,10 +210,11 @@ def test_bf16_without_native_support_warns_first_and_in_the_report(monkeypatch, 
     model, s, sel, pruned = pruned_pair()
     ids = tokens(2, 10)
     said: list[str] = []
-    ctx = RecoveryContext(model, pruned, s, sel, ids, progress=lambda f, m: said.append(m))
-    ctx.heldout = ids[:1]
-    (report,) = run_steps([{"step": "distill", "steps": 1, "lr": 50.0, "precision": "bf16"}], ctx,
-                          RECOVERY_STEPS)  # fmt: skip
+    ctx = RecoveryContext(
+        model, pruned, s, sel, ids, progress=lambda f, m: said.append(m), heldout=ids[:1]
+    )
+    step = {"step": "distill", "steps": 1, "lr": 50.0, "precision": "bf16"}
+    (report,) = run_steps([step], ctx, RECOVERY_STEPS)
     # lr 50 wrecks the student, so the held-out warning is there too, after the step's own
     assert report["warning"].endswith("the export still works.")
     assert ("use precision fp32 here" in report["warning"]) is not native
