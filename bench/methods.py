@@ -155,6 +155,7 @@ class Bench:
             ex._stats,
             progress=log,
             heldout=self.selection_windows,  # each step's report: held-out before and after
+            tokenizer=ex.workspace.tokenizer,
         )
 
     # -- rows -------------------------------------------------------------------------------------------
@@ -246,6 +247,8 @@ class Bench:
             "lora_rank": a.distill_lora_rank,
             "generated": a.distill_generated,
             "generated_count": a.distill_generated_count,
+            "text_file": str(a.distill_text or ""),
+            "text_windows": a.distill_text_windows,
             "with_calibration": a.distill_with_calibration,
             "cache_teacher": a.distill_top_k > 0,
         }
@@ -293,7 +296,8 @@ class Bench:
                 f"hidden weight {a.distill_hidden}, "
                 f"{'LoRA rank ' + str(a.distill_lora_rank) if a.distill_lora_rank else 'all block weights'}"
                 f"{generated_text(a)}"
-                f"{f' on {a.distill_windows} x 256 fresh lee_background windows' if a.distill_windows else ''}. "
+                f"{f' on {a.distill_windows} x 256 fresh lee_background windows' if a.distill_windows else ''}"
+                f"{third_text(a)}. "
                 "Time: pruning (calibration pass share, scoring, updates) plus recovery, "
                 "evaluation excluded, as wall seconds and as CPU seconds of the benchmark process "
                 "(all its threads; on a shared machine the wall time inflates, the CPU time much "
@@ -453,6 +457,14 @@ def main() -> None:
         help="distil on this many 256-token windows of the calibration text's fit part "
         "(seed 1; 0: on the calibration windows)",
     )
+    parser.add_argument(
+        "--distill-text",
+        type=Path,
+        default=None,
+        help="distil also on windows of this third-domain text file (bench/sotu_text.py "
+        "writes one; with --distill-with-calibration beside the calibration windows)",
+    )
+    parser.add_argument("--distill-text-windows", type=int, default=256)
     parser.add_argument("--mix-depth", type=int, default=2, help="layers the 20%% mix removes")
     parser.add_argument("--mix-depth-half", type=int, default=4, help="... and the 50%% mix")
     parser.add_argument("--surgeon-windows", type=int, default=16)
@@ -543,6 +555,14 @@ def generated_text(a: argparse.Namespace) -> str:
     count = f"{a.distill_generated_count} windows of" if a.distill_generated_count else ""
     beside = " beside the calibration windows" if a.distill_with_calibration else ""
     return f", on {count} self-generated text{beside}".replace("  ", " ")
+
+
+def third_text(a: argparse.Namespace) -> str:
+    """The header's words for distillation's third-domain text file, if any."""
+    if not a.distill_text:
+        return ""
+    how = "plus" if a.distill_with_calibration else "replaced by"
+    return f" {how} {a.distill_text_windows} x 256 windows of {a.distill_text.name}"
 
 
 def choose(bench: Bench, target: float) -> str:

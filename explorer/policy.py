@@ -110,8 +110,11 @@ class AccessPolicy:
             )
 
     def check_recovery(self, steps: list[dict]) -> None:
-        """Refuse recovery steps that would train or update for more than ``max_steps`` steps."""
+        """Refuse recovery steps that would train or update for more than ``max_steps`` steps,
+        or read a text file (distillation's ``text_file``) that the text rules do not allow."""
         for entry in steps:
+            if entry.get("text_file"):
+                self._check_text_file(str(entry["text_file"]))
             for name in STEP_PARAMS:
                 value = entry.get(name)
                 if isinstance(value, int | float) and value > self.max_steps:
@@ -119,6 +122,15 @@ class AccessPolicy:
                         f"{entry.get('step')}: {name} = {value} is more than this server runs "
                         f"({self.max_steps}). Use fewer {name}."
                     )
+
+    def _check_text_file(self, path: str) -> None:
+        self.check_text_source({"kind": "file", "path": path})
+        size = Path(path).stat().st_size if Path(path).is_file() else 0
+        if size > self.max_text_chars:  # UTF-8: never fewer bytes than characters
+            raise DataError(
+                f"The text file has {size:,} bytes; this server reads at most "
+                f"{self.max_text_chars:,} characters of text. Use a shorter file."
+            )
 
     def check_generation(self, prompt: str, max_new_tokens: int) -> None:
         """Refuse a generation longer than the server runs for one request."""

@@ -438,6 +438,7 @@ class Explorer:
             self._stats,
             progress,
             heldout=self.heldout,
+            tokenizer=self.workspace.tokenizer,
         )
         return pruned, run_steps(steps, ctx, RECOVERY_STEPS)
 

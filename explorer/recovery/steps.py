@@ -47,6 +47,7 @@ class RecoveryContext:
     stats: Statistics | None = None  # the dense model's, when already collected
     progress: Progress | None = None
     heldout: torch.Tensor | None = None  # calibration windows no step sees, to judge each step
+    tokenizer: object | None = None  # cuts a step's own text into windows (distill's text_file)
 
 
 @dataclass(frozen=True)

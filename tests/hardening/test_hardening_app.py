@@ -276,6 +276,22 @@ def test_recovery_with_more_steps_than_the_limit_is_refused(client):
     state.SHARED.lock.release()
 
 
+def test_plan_file_distilling_on_a_server_file_is_refused_before_any_work(client, tmp_path):
+    from gradio_client import handle_file
+
+    from components import recovery
+
+    shown = client.predict(api_name="/show_plan")
+    plan = Plan.from_dict(shown[INFO]["plan"])
+    plan.recovery = [{"step": "distill", "text_file": "/etc/passwd", "with_calibration": True}]
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    client.predict(handle_file(str(path)), api_name="/load_plan")
+    form = [f.default for f in recovery.fields()]
+    message = refusal(client.predict, ["distill"], *form, api_name="/recover")
+    assert "Only files uploaded to this page can be read" in message and "root:" not in message
+
+
 def test_a_job_past_the_wall_time_limit_stops_and_frees_the_lock():
     from explorer.policy import JobLimitError
 

@@ -21,6 +21,7 @@ from explorer.model.cache import model_folder_is_whole
 from explorer.model.loading import EmbeddedModel, load_model
 from explorer.model.structure import StructureMap
 from explorer.planning.plan import Plan
+from explorer.policy import AccessPolicy
 from explorer.session import Explorer
 from explorer.text_safety import CHUNK_CHARS
 from tests.hardening.safety_helpers import tree_digest, uneven_selection
@@ -273,3 +274,17 @@ def test_files_the_checks_read_are_left_alone(tiny_llama_dir, tmp_path):
     with pytest.raises(ModelSourceError):
         load_model(str(tiny_llama_dir), device="gpu")
     assert tree_digest(tiny_llama_dir) == before
+
+
+def test_distillation_text_file_obeys_the_text_rules(tmp_path):
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "speeches.txt").write_text("the cat sat on the mat " * 10)
+    (allowed / "long.txt").write_text("x" * 1001)
+    policy = AccessPolicy.make(allow_paths=[allowed], max_text_chars=1000)
+    policy.check_recovery([{"step": "distill", "text_file": str(allowed / "speeches.txt")}])
+    for path in ("/etc/passwd", str(allowed / ".." / "x.txt"), "~/.bashrc"):
+        with pytest.raises(DataError, match="Only files uploaded to this page"):
+            policy.check_recovery([{"step": "distill", "text_file": path}])
+    with pytest.raises(DataError, match="1,001 bytes; this server reads at most 1,000"):
+        policy.check_recovery([{"step": "distill", "text_file": str(allowed / "long.txt")}])
