@@ -12,8 +12,8 @@ the teacher over its top k instead would put the optimum where the student puts 
 outside those k: a student sharper than the teacher, which pays for it on every
 real token outside them. Plus, with
 ``hidden_weight`` > 0, the relative squared error ‖h_s − h_t‖² / ‖h_t‖² between each kept block's
-output and the dense block it came from (relative, because a few massive-activation positions
-would otherwise dominate a plain MSE). Unlike fine-tuning on the language-modelling loss, the
+output and the dense block it came from, per token and then averaged (relative per token, because
+a few massive-activation positions would otherwise dominate a plain MSE or a ratio of sums). Unlike fine-tuning on the language-modelling loss, the
 target is the dense model's own distribution: distilling the dense model into itself changes
 nothing, so what the student gains is repair, not adaptation to the training text.
 
@@ -110,11 +110,17 @@ def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
 
 
 def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]):
-    """Mean over matched layers of ‖h_s − h_t‖² / ‖h_t‖² (summed over the batch's tokens)."""
-    terms = [
-        (s.float() - t.float()).square().sum() / t.float().square().sum()
-        for s, t in zip(student, teacher, strict=True)
-    ]
+    """Mean over matched layers and over tokens of ‖h_s − h_t‖² / ‖h_t‖², one token at a time.
+
+    Each token is normalised by its own teacher norm: summed over the tokens first, the ratio
+    would be the error of the few massive-activation positions (a norm about 100 times the
+    others in SmolLM2) and the rest of the text would not count.
+    """
+    terms = []
+    for s, t in zip(student, teacher, strict=True):
+        s, t = s.float(), t.float()  # (batch, length, hidden)
+        error = (s - t).square().sum(-1) / t.square().sum(-1).clamp(min=1e-12)
+        terms.append(error.mean())
     return torch.stack(terms).mean()
 
 

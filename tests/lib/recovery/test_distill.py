@@ -18,6 +18,7 @@ from explorer.recovery.distill import (
     distillation_loss,
     file_windows,
     generated_windows,
+    hidden_state_loss,
     teacher_cache_path,
 )
 from explorer.recovery.steps import RecoveryContext, run_steps
@@ -100,8 +101,15 @@ def test_hidden_state_loss_adds_the_relative_error_of_matched_layers():
         hs = pruned(input_ids=ids, output_hidden_states=True).hidden_states
         ht = model(input_ids=ids, output_hidden_states=True).hidden_states
     # Student layer 0 is dense layer 0; student layer 1 (the last, whose hidden state transformers
-    # gives after the final norm) is dense layer 2: compare the first pair here by hand.
-    first = ((hs[1] - ht[1]).square().sum() / ht[1].square().sum()).item()
+    # gives after the final norm) is dense layer 2: compare the first pair here by hand, one token
+    # at a time, each relative to its own teacher norm.
+    per_token = [
+        sum((a - b) ** 2 for a, b in zip(u.tolist(), v.tolist(), strict=True))
+        / sum(b * b for b in v.tolist())
+        for u, v in zip(hs[1].flatten(0, 1), ht[1].flatten(0, 1), strict=True)
+    ]
+    first = sum(per_token) / len(per_token)
+    assert hidden_state_loss([hs[1]], [ht[1]]).item() == pytest.approx(first, rel=1e-5)
     both = run_distill(
         model, s, sel, pruned, ids, steps=1, lr=0.0, batch_size=4, hidden_weight=0.5
     )["losses"][0]
