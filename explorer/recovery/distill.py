@@ -13,9 +13,10 @@ outside those k: a student sharper than the teacher, which pays for it on every
 real token outside them. Plus, with
 ``hidden_weight`` > 0, the relative squared error ‖h_s − h_t‖² / ‖h_t‖² between each kept block's
 output and the dense block it came from, per token and then averaged (relative per token, because
-a few massive-activation positions would otherwise dominate a plain MSE or a ratio of sums). Unlike fine-tuning on the language-modelling loss, the
-target is the dense model's own distribution: distilling the dense model into itself changes
-nothing, so what the student gains is repair, not adaptation to the training text.
+a few massive-activation positions would otherwise dominate a plain MSE or a ratio of sums).
+Unlike fine-tuning on the language-modelling loss, the target is the dense model's own
+distribution: distilling the dense model into itself changes nothing, so what the student gains
+is repair, not adaptation to the training text.
 
 The text is the calibration windows, or with ``generated`` text the dense model samples itself
 (``generated_count`` windows, each continuing a calibration window's first tokens;
@@ -113,8 +114,9 @@ def hidden_state_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
     """Mean over matched layers and over tokens of ‖h_s − h_t‖² / ‖h_t‖², one token at a time.
 
     Each token is normalised by its own teacher norm: summed over the tokens first, the ratio
-    would be the error of the few massive-activation positions (a norm about 100 times the
-    others in SmolLM2) and the rest of the text would not count.
+    would be the error of the few massive-activation positions and the rest of the text would
+    not count (SmolLM2, layer 15's output on 4 × 256 calibration tokens: the largest token norm
+    is 161 times the median, and the top 1% of tokens hold 98.9% of the squared norm).
     """
     terms = []
     for s, t in zip(student, teacher, strict=True):
