@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import gradio as gr
 import plotly.graph_objects as go
@@ -60,6 +61,20 @@ def fields() -> list[Field]:
     ]
 
 
+def text_files() -> list[tuple[str, str]]:
+    """(step, parameter) of each step's text-file parameter (distillation's ``text_file``).
+
+    A path typed by a client would be a path on the server, so the form takes an upload instead
+    of a box (the access policy allows exactly the upload folder), and the path joins the plan.
+    """
+    return [
+        (name, param)
+        for name, step in RECOVERY_STEPS.items()
+        for param, default in step.params().items()
+        if isinstance(default, str) and param.endswith("_file")
+    ]
+
+
 def with_parameters() -> list[str]:
     """The steps with a parameter group in the form, in registry order."""
     return list(dict.fromkeys(f.step for f in fields()))
@@ -70,6 +85,8 @@ class RecoverPanel:
     steps: gr.Dropdown
     groups: dict[str, gr.Group]  # a step's parameters, shown while the step is chosen
     params: list[gr.components.Component]  # one per ``fields()``, in that order
+    files: dict[tuple[str, str], gr.File]  # one upload per ``text_files()`` entry
+    file_notes: dict[tuple[str, str], gr.Markdown]  # which file the plan holds there
     run: gr.Button
     stop: gr.Button
     status: gr.HTML
@@ -97,13 +114,22 @@ def build() -> RecoverPanel:
         label="Recovery steps, in the order they run",
         elem_id="recover-steps",
     )
-    groups, params = {}, []
+    groups, params, files, notes = {}, [], {}, {}
     for name in with_parameters():
         step = RECOVERY_STEPS[name]
         with gr.Group(visible=False) as groups[name]:
             gr.Markdown(f"**{step.title}** · {step.paper}")
             with gr.Row():
                 params.extend(control(f) for f in fields() if f.step == name)
+            for key in (k for k in text_files() if k[0] == name):
+                with gr.Row():
+                    files[key] = gr.File(
+                        label=f"{key[1].replace('_', ' ')}: a third-domain text (.txt / .jsonl)",
+                        file_types=[".txt", ".jsonl"],
+                        elem_id=f"recover-{name}-{key[1]}",
+                        scale=1,
+                    )
+                    notes[key] = gr.Markdown(file_note(""), elem_id=f"recover-{name}-{key[1]}-note")
     with gr.Row():
         run = gr.Button("Recover and measure", variant="primary", elem_id="recover-run")
         stop = gr.Button("Stop", variant="stop", elem_id="recover-stop")
@@ -118,8 +144,31 @@ def build() -> RecoverPanel:
         reports = gr.JSON(label="What each step reported", elem_id="recover-reports", scale=1)
         losses = gr.Plot(label="Training loss", elem_id="recover-losses", scale=2)
     return RecoverPanel(
-        steps, groups, params, run, stop, recover_status, dense, pruned, recovered, reports, losses
+        steps,
+        groups,
+        params,
+        files,
+        notes,
+        run,
+        stop,
+        recover_status,
+        dense,
+        pruned,
+        recovered,
+        reports,
+        losses,
     )
+
+
+def file_note(path: str) -> str:
+    """What the plan holds for a text-file parameter, and what it does."""
+    if not path:
+        return (
+            "No text file: the step trains on the calibration windows. Upload one to train on "
+            "`text windows` windows of it (the calibration windows' length) instead, or beside "
+            "them with `with calibration`. Use a domain neither evaluation text is."
+        )
+    return f"The plan distils on windows of **{Path(path).name}**."
 
 
 def control(f: Field) -> gr.components.Component:
@@ -193,6 +242,36 @@ def set_recovery(panel: RecoverPanel, state: gr.State, plan_save, values: dict) 
     }
 
 
+def set_text_file(
+    panel: RecoverPanel, state: gr.State, plan_save, key: tuple[str, str], values: dict
+) -> dict:
+    """An upload (or its removal) for a step's text file: the plan's entry follows, when the
+    server's text rules allow the file."""
+    session: SessionState = values[state]
+    name, param = key
+    path = values[panel.files[key]] or ""
+    entries = [entry for entry in session.plan.recovery if entry.get("step") == name]
+    if not entries:
+        message = f"Choose “{RECOVERY_STEPS[name].title}” in the list first, then upload the file."
+        return {panel.status: status(message, "error")}
+    try:
+        if path:
+            session.policy.check_recovery([{**entries[0], param: path}])
+    except ExplorerError as exc:
+        return {panel.status: status(str(exc), "error")}
+    for entry in entries:
+        if path:
+            entry[param] = path
+        else:
+            entry.pop(param, None)
+    said = f"{Path(path).name} saved in the plan." if path else "The text file was removed."
+    return {
+        plan_save: plan_file(session),
+        panel.status: status(said, "ok"),
+        panel.file_notes[key]: file_note(path),
+    }
+
+
 def show(panel: RecoverPanel, state: gr.State, values: dict) -> dict:
     """The form for the session's plan (after a plan is loaded or changed elsewhere)."""
     session: SessionState = values[state]
@@ -203,6 +282,9 @@ def show(panel: RecoverPanel, state: gr.State, values: dict) -> dict:
     form = [entries.get(f.step, {}).get(f.name, f.default) for f in fields()]
     out = {panel.steps: chosen, **dict(zip(panel.params, form, strict=True))}
     out.update(shown_groups(panel, chosen))
+    for key, note in panel.file_notes.items():  # a server path is named, never offered back
+        out[note] = file_note(str(entries.get(key[0], {}).get(key[1], "")))
+        out[panel.files[key]] = None
     if unknown:
         out[panel.status] = status(
             f"The plan names unknown recovery steps ({', '.join(unknown)}); choose from the list.",
@@ -332,11 +414,17 @@ def wire(panel: RecoverPanel, session: gr.State, plan_events: list, plan_save) -
             show_progress="hidden",
             **api(None),
         )
+    for key, upload in panel.files.items():
+        outputs = [plan_save, panel.status, panel.file_notes[key]]
+        change = handler(set_text_file, panel, session, plan_save, key)
+        upload.upload(change, {session, upload}, outputs, **api(f"recover_{key[1]}"))
+        upload.clear(change, {session, upload}, outputs, **api(None))
+    files = [*panel.files.values(), *panel.file_notes.values()]
     for event in plan_events:
         event.success(
             handler(show, panel, session),
             {session},
-            [*panel.form, *groups, panel.status],
+            [*panel.form, *groups, panel.status, *files],
             show_progress="hidden",
             **api(None),
         )

@@ -25,8 +25,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data import read_text_file
 from .errors import DataError, ExplorerError, ExportError, ModelSourceError, PlanError
 from .model.loading import EMBEDDED
+from .text_safety import check_length
 
 # Parameters of a recovery step that count training or update steps (LoRA's steps, Surgeon's
 # shots...): bounded by ``max_steps`` so that one request cannot train for days.
@@ -124,13 +126,24 @@ class AccessPolicy:
                     )
 
     def _check_text_file(self, path: str) -> None:
+        """An allowed file of at most ``max_text_chars`` characters, as calibration text is.
+
+        UTF-8 takes one to four bytes a character, so a file of at most that many bytes passes
+        unread and one of more than four times that many fails unread; only in between is it
+        decoded and its characters counted.
+        """
         self.check_text_source({"kind": "file", "path": path})
         size = Path(path).stat().st_size if Path(path).is_file() else 0
-        if size > self.max_text_chars:  # UTF-8: never fewer bytes than characters
-            raise DataError(
-                f"The text file has {size:,} bytes; this server reads at most "
-                f"{self.max_text_chars:,} characters of text. Use a shorter file."
-            )
+        if size <= self.max_text_chars:
+            return
+        if size <= 4 * self.max_text_chars:
+            check_length(read_text_file(path), "distillation", self.max_text_chars)
+            return
+        raise DataError(
+            f"The distillation text file has {size:,} bytes, more than {self.max_text_chars:,} "
+            f"characters in any encoding; this server reads at most {self.max_text_chars:,}. "
+            "Use a shorter file."
+        )
 
     def check_generation(self, prompt: str, max_new_tokens: int) -> None:
         """Refuse a generation longer than the server runs for one request."""

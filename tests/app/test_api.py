@@ -250,6 +250,33 @@ def test_lora_recovery_reports_its_losses_and_an_export_recovers_on_its_own(
 
 
 @pytest.mark.real
+def test_distillation_trains_on_an_uploaded_text_file(client_factory, tmp_path):
+    from gradio_client import handle_file
+
+    client = client_factory()
+    load(client)
+    speeches = tmp_path / "speeches.txt"
+    speeches.write_text("The Congress assembles this year to hear the address. " * 400)
+    refused = client.predict(handle_file(str(speeches)), api_name="/recover_text_file")
+    assert "first, then upload the file" in refused[1]  # the step is not chosen yet
+    plan = Plan(calibration_windows=CALIBRATION_WINDOWS, recovery=[{"step": "distill"}])
+    plan.save(tmp_path / "plan.json")
+    client.predict(handle_file(str(tmp_path / "plan.json")), api_name="/load_plan")
+    plan_file, message, note = client.predict(
+        handle_file(str(speeches)), api_name="/recover_text_file"
+    )
+    assert "speeches.txt saved in the plan" in message and "**speeches.txt**" in note
+    (entry,) = json.loads(Path(plan_file).read_text())["recovery"]
+    assert Path(entry["text_file"]).name == "speeches.txt"
+    updates = recover(client, ["distill"], distill_steps=1, distill_text_windows=3)
+    (report,) = updates[-1][4]
+    assert report["text"] == "speeches.txt" and len(report["losses"]) == 1
+    assert report["tokens"] == 3 * 64  # three windows of the calibration windows' 64 tokens
+    (entry,) = client.predict(api_name="/show_plan")[INFO]["plan"]["recovery"]
+    assert Path(entry["text_file"]).name == "speeches.txt"  # the form's run kept it
+
+
+@pytest.mark.real
 def test_a_running_recovery_stops_at_its_next_step(client_factory):
     client = client_factory()
     load(client)

@@ -237,3 +237,23 @@ def test_bad_input_shows_errors_and_the_app_keeps_working(page, tmp_path):
     open_tab(page, "Structure")
     page.mouse.click(*plotly_point(page, "structure-graph", "L0.gate_proj"))
     page.wait_for_selector("#structure-details:has-text('MLP channel')", timeout=SLOW)
+
+
+def test_a_distillation_text_file_is_uploaded_into_the_plan(page, tmp_path):
+    speeches = tmp_path / "speeches.txt"
+    speeches.write_text("The Congress assembles this year to hear the address. " * 100)
+    open_tab(page, "Recover")
+    page.click("#recover-steps input")
+    page.get_by_role("option", name=RECOVERY_STEPS["distill"].title).click()
+    page.keyboard.press("Escape")
+    page.wait_for_selector("#recover-status:has-text('Saved in the plan')", timeout=SLOW)
+    page.wait_for_selector("#recover-distill-text_file", state="visible", timeout=SLOW)
+    assert "No text file" in page.inner_text("#recover-distill-text_file-note")
+    page.set_input_files("#recover-distill-text_file input[type=file]", str(speeches))
+    page.wait_for_selector("#recover-status:has-text('speeches.txt saved')", timeout=SLOW)
+    assert "speeches.txt" in page.inner_text("#recover-distill-text_file-note")
+    open_tab(page, "Plan")
+    with page.expect_download() as download:
+        page.click("#plan-save")
+    (entry,) = json.loads(download.value.path().read_text())["recovery"]
+    assert entry["step"] == "distill" and entry["text_file"].endswith("speeches.txt")

@@ -286,5 +286,11 @@ def test_distillation_text_file_obeys_the_text_rules(tmp_path):
     for path in ("/etc/passwd", str(allowed / ".." / "x.txt"), "~/.bashrc"):
         with pytest.raises(DataError, match="Only files uploaded to this page"):
             policy.check_recovery([{"step": "distill", "text_file": path}])
-    with pytest.raises(DataError, match="1,001 bytes; this server reads at most 1,000"):
+    with pytest.raises(DataError, match="1,001 characters; this server reads at most 1,000"):
         policy.check_recovery([{"step": "distill", "text_file": str(allowed / "long.txt")}])
+    # Characters count, as for calibration text: 600 two-byte characters are 1,200 bytes.
+    (allowed / "accents.txt").write_text("é" * 600, encoding="utf-8")
+    policy.check_recovery([{"step": "distill", "text_file": str(allowed / "accents.txt")}])
+    (allowed / "huge.txt").write_text("x" * 4001)  # more than 4 bytes a character allow: unread
+    with pytest.raises(DataError, match="4,001 bytes, more than 1,000 characters"):
+        policy.check_recovery([{"step": "distill", "text_file": str(allowed / "huge.txt")}])
