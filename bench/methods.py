@@ -31,7 +31,7 @@ from _common import machine_line, write_result
 from explorer.apply.masking import masked
 from explorer.apply.pruning import prune_model
 from explorer.catalogue import CRITERIA, RECOVERY_STEPS
-from explorer.data import builtin_text, split_heldout, token_windows
+from explorer.data import builtin_text, read_text_file, split_heldout, token_windows
 from explorer.evaluate import generate, perplexity
 from explorer.model.loading import load_model
 from explorer.planning.plan import Plan, allocate
@@ -112,6 +112,7 @@ class Bench:
     pruned: dict[str, tuple] = field(default_factory=dict)  # method key -> prune() result
     _dense_off: float | None = None
     distill_windows: torch.Tensor | None = None  # distillation's own text (else calibration's)
+    calibration_text: str = CALIBRATION
 
     # -- pruning --------------------------------------------------------------------------------------
     def prune(self, m: Method) -> tuple[torch.nn.Module, object, float]:
@@ -170,7 +171,7 @@ class Bench:
         self.rows.append(
             f"| {label} | {recovery} | {ppl:.2f} | {off:.2f} | {n_params:,} | {block:.1%} | "
             f"{share:.1%} | "
-            f"{ex.evaluation.shape[1]} | {calib} | {CALIBRATION} | lee.cor | {seconds[0]:.0f} | "
+            f"{ex.evaluation.shape[1]} | {calib} | {self.calibration_text} | lee.cor | {seconds[0]:.0f} | "
             f"{seconds[1]:.0f} |"
         )
         print(self.rows[-1], flush=True)
@@ -465,6 +466,13 @@ def main() -> None:
         "writes one; with --distill-with-calibration beside the calibration windows)",
     )
     parser.add_argument("--distill-text-windows", type=int, default=256)
+    parser.add_argument(
+        "--calibration-mix",
+        type=Path,
+        default=None,
+        help="calibrate (channel order, updates) on half lee_background windows and half "
+        "windows of this third-domain text file (seed 2); the held-out slice stays lee_background's",
+    )
     parser.add_argument("--mix-depth", type=int, default=2, help="layers the 20%% mix removes")
     parser.add_argument("--mix-depth-half", type=int, default=4, help="... and the 50%% mix")
     parser.add_argument("--surgeon-windows", type=int, default=16)
@@ -496,10 +504,14 @@ def main() -> None:
         calibration_length=args.length,
         heldout_windows=args.selection_windows,
     )
+    if args.calibration_mix:
+        ex = replace(ex, calibration=mixed_calibration(ex, args.calibration_mix))
     small = Explorer.from_texts(ws, calibration, evaluation)
     held = ex.heldout
     offdomain = token_windows(ws.tokenizer, builtin_text("offdomain"), 256, 20)
     bench = Bench(ex, small, held, offdomain, args)
+    if args.calibration_mix:
+        bench.calibration_text = f"half {CALIBRATION}, half {args.calibration_mix.name}"
     if args.distill_windows:
         fit, _ = split_heldout(calibration)
         bench.distill_windows = token_windows(ws.tokenizer, fit, 256, args.distill_windows, seed=1)
@@ -546,6 +558,23 @@ def main() -> None:
         bench.run_row(table[key], recovery)
         if key in HALF_KEYS or (table[key].plan.target or 0) >= 0.5:
             bench.sample(table[key], recovery)
+
+
+def mixed_calibration(ex: Explorer, path: Path) -> torch.Tensor:
+    """The calibration windows with their second half replaced by windows of a third text.
+
+    An update fitted to news windows alone fits news (bench/RESULTS.md); windows of a domain
+    neither evaluation text is make the covariances it inverts less domain-specific.
+    """
+    keep = len(ex.calibration) // 2
+    other = token_windows(
+        ex.workspace.tokenizer,
+        read_text_file(str(path)),
+        ex.calibration.shape[1],
+        len(ex.calibration) - keep,
+        seed=2,
+    )
+    return torch.cat([ex.calibration[:keep], other])
 
 
 def generated_text(a: argparse.Namespace) -> str:
