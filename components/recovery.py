@@ -168,7 +168,7 @@ def file_note(path: str) -> str:
             "`text windows` windows of it (the calibration windows' length) instead, or beside "
             "them with `with calibration`. Use a domain neither evaluation text is."
         )
-    return f"The plan distils on windows of **{Path(path).name}**."
+    return f"The plan's step trains on windows of **{Path(path).name}**."
 
 
 def control(f: Field) -> gr.components.Component:

@@ -20,6 +20,7 @@ Defaults are the safe ones: no folders, no hub ids, uploads of at most 10 MB.
 
 from __future__ import annotations
 
+import codecs
 import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -128,22 +129,23 @@ class AccessPolicy:
     def _check_text_file(self, path: str) -> None:
         """An allowed file of at most ``max_text_chars`` characters, as calibration text is.
 
-        UTF-8 takes one to four bytes a character, so a file of at most that many bytes passes
-        unread and one of more than four times that many fails unread; only in between is it
-        decoded and its characters counted.
+        The text never has more characters than the file has bytes, so a small file passes
+        unread. A .txt file is UTF-8, at most four bytes a character after an optional BOM, so
+        a larger one than that fails unread; otherwise (and always for a .jsonl file, whose text
+        is its fields) it is read and its characters are counted.
         """
         self.check_text_source({"kind": "file", "path": path})
         size = Path(path).stat().st_size if Path(path).is_file() else 0
         if size <= self.max_text_chars:
             return
-        if size <= 4 * self.max_text_chars:
-            check_length(read_text_file(path), "distillation", self.max_text_chars)
-            return
-        raise DataError(
-            f"The distillation text file has {size:,} bytes, more than {self.max_text_chars:,} "
-            f"characters in any encoding; this server reads at most {self.max_text_chars:,}. "
-            "Use a shorter file."
-        )
+        most_bytes = 4 * self.max_text_chars + len(codecs.BOM_UTF8)
+        if Path(path).suffix != ".jsonl" and size > most_bytes:
+            raise DataError(
+                f"The distillation text file has {size:,} bytes, more than {self.max_text_chars:,} "
+                f"characters of UTF-8; this server reads at most {self.max_text_chars:,}. "
+                "Use a shorter file."
+            )
+        check_length(read_text_file(path), "distillation", self.max_text_chars)
 
     def check_generation(self, prompt: str, max_new_tokens: int) -> None:
         """Refuse a generation longer than the server runs for one request."""

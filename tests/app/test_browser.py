@@ -150,12 +150,17 @@ def test_generations_show_side_by_side(page):
     screenshot(page, "generation")
 
 
-def test_layerwise_recovery_shows_the_recovered_perplexity_and_joins_the_plan(page):
+def choose_recovery_step(page, name: str) -> None:
+    """On the Recover tab, choose step ``name`` in the list and wait until the plan has it."""
     open_tab(page, "Recover")
     page.click("#recover-steps input")
-    page.get_by_role("option", name=RECOVERY_STEPS["layerwise"].title).click()
+    page.get_by_role("option", name=RECOVERY_STEPS[name].title).click()
     page.keyboard.press("Escape")
     page.wait_for_selector("#recover-status:has-text('Saved in the plan')", timeout=SLOW)
+
+
+def test_layerwise_recovery_shows_the_recovered_perplexity_and_joins_the_plan(page):
+    choose_recovery_step(page, "layerwise")
     # The form's parameter groups follow the choice (their update may land after the status).
     page.wait_for_selector("#recover-layerwise-damping", state="visible", timeout=SLOW)
     page.wait_for_selector("#recover-lora-steps", state="hidden", timeout=SLOW)
@@ -242,11 +247,7 @@ def test_bad_input_shows_errors_and_the_app_keeps_working(page, tmp_path):
 def test_a_distillation_text_file_is_uploaded_into_the_plan(page, tmp_path):
     speeches = tmp_path / "speeches.txt"
     speeches.write_text("The Congress assembles this year to hear the address. " * 100)
-    open_tab(page, "Recover")
-    page.click("#recover-steps input")
-    page.get_by_role("option", name=RECOVERY_STEPS["distill"].title).click()
-    page.keyboard.press("Escape")
-    page.wait_for_selector("#recover-status:has-text('Saved in the plan')", timeout=SLOW)
+    choose_recovery_step(page, "distill")
     page.wait_for_selector("#recover-distill-text_file", state="visible", timeout=SLOW)
     assert "No text file" in page.inner_text("#recover-distill-text_file-note")
     page.set_input_files("#recover-distill-text_file input[type=file]", str(speeches))

@@ -291,6 +291,11 @@ def test_distillation_text_file_obeys_the_text_rules(tmp_path):
     # Characters count, as for calibration text: 600 two-byte characters are 1,200 bytes.
     (allowed / "accents.txt").write_text("é" * 600, encoding="utf-8")
     policy.check_recovery([{"step": "distill", "text_file": str(allowed / "accents.txt")}])
-    (allowed / "huge.txt").write_text("x" * 4001)  # more than 4 bytes a character allow: unread
-    with pytest.raises(DataError, match="4,001 bytes, more than 1,000 characters"):
+    # More bytes than 1,000 four-byte characters after a BOM: refused unread.
+    (allowed / "huge.txt").write_text("x" * 4004)
+    with pytest.raises(DataError, match="4,004 bytes, more than 1,000 characters"):
         policy.check_recovery([{"step": "distill", "text_file": str(allowed / "huge.txt")}])
+    # A .jsonl file's text is its fields: counted, whatever the file's size.
+    record = json.dumps({"text": "é" * 200}) + "\n"  # 200 characters in 1,213 bytes
+    (allowed / "escaped.jsonl").write_text(record * 4)
+    policy.check_recovery([{"step": "distill", "text_file": str(allowed / "escaped.jsonl")}])
