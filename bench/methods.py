@@ -26,16 +26,17 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from _common import machine_line, write_result
+from _common import machine_line, mixed_windows, write_result
 
 from explorer.apply.masking import masked
 from explorer.apply.pruning import prune_model
 from explorer.catalogue import CRITERIA, RECOVERY_STEPS
-from explorer.data import builtin_text, read_text_file, split_heldout, token_windows
+from explorer.data import builtin_text, split_heldout, token_windows
 from explorer.evaluate import generate, perplexity
 from explorer.model.loading import load_model
 from explorer.planning.plan import Plan, allocate
 from explorer.planning.selection import Selection
+from explorer.recovery.distill import PROMPT_TOKENS
 from explorer.recovery.steps import RecoveryContext, lora_recovery, run_steps
 from explorer.recovery.surgeon import surgeon_prune
 from explorer.recovery.training import PRECISIONS, SCHEDULES
@@ -248,6 +249,7 @@ class Bench:
             "lora_rank": a.distill_lora_rank,
             "generated": a.distill_generated,
             "generated_count": a.distill_generated_count,
+            "generated_prompt": a.distill_generated_prompt,
             "text_file": str(a.distill_text or ""),
             "text_windows": a.distill_text_windows,
             "with_calibration": a.distill_with_calibration,
@@ -450,6 +452,13 @@ def main() -> None:
     parser.add_argument("--distill-lora-rank", type=int, default=0)
     parser.add_argument("--distill-generated", action="store_true")
     parser.add_argument("--distill-generated-count", type=int, default=0, help="0: one per window")
+    parser.add_argument(
+        "--distill-generated-prompt",
+        type=int,
+        default=PROMPT_TOKENS,
+        help="tokens of each calibration window that prompt a generated window (1: LLM-QAT's "
+        "data-free text)",
+    )
     parser.add_argument("--distill-with-calibration", action="store_true")
     parser.add_argument(
         "--distill-windows",
@@ -506,7 +515,9 @@ def main() -> None:
     )
     calibration_text = CALIBRATION
     if args.calibration_mix:
-        ex = replace(ex, calibration=mixed_calibration(ex, args.calibration_mix))
+        ex = replace(
+            ex, calibration=mixed_windows(ex, ex.calibration, args.calibration_mix, seed=2)
+        )
         calibration_text = f"half {CALIBRATION}, half {args.calibration_mix.name}"
     small = Explorer.from_texts(ws, calibration, evaluation)
     held = ex.heldout
@@ -560,31 +571,14 @@ def main() -> None:
             bench.sample(table[key], recovery)
 
 
-def mixed_calibration(ex: Explorer, path: Path) -> torch.Tensor:
-    """The calibration windows with their second half replaced by windows of a third text.
-
-    An update fitted to news windows alone may fit news; windows of a domain neither evaluation
-    text is make the covariances it inverts less domain-specific (bench/RESULTS.md measures it at
-    20%: off-domain 36.27 against 36.92 before fine-tuning, no gain after distillation).
-    """
-    keep = len(ex.calibration) // 2
-    other = token_windows(
-        ex.workspace.tokenizer,
-        read_text_file(str(path)),
-        ex.calibration.shape[1],
-        len(ex.calibration) - keep,
-        seed=2,
-    )
-    return torch.cat([ex.calibration[:keep], other])
-
-
 def generated_text(a: argparse.Namespace) -> str:
     """The header's words for distillation's self-generated text, if any."""
     if not a.distill_generated:
         return ""
     count = f"{a.distill_generated_count} windows of" if a.distill_generated_count else ""
     beside = " beside the calibration windows" if a.distill_with_calibration else ""
-    return f", on {count} self-generated text{beside}".replace("  ", " ")
+    prompt = f" (prompts of {a.distill_generated_prompt} tokens)"
+    return f", on {count} self-generated text{prompt}{beside}".replace("  ", " ")
 
 
 def third_text(a: argparse.Namespace) -> str:

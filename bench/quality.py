@@ -6,6 +6,8 @@ model generates itself (``--source generated``); the held-out tenth chooses betw
 lee.cor (20 x 256, the default protocol) and the off-domain Wikipedia text (20 x 256) are only
 reported. Each setting's plan is resolved from one calibration pass, then previewed with the
 correlated column update (``surgeon`` step, one shot) applied live: the number Export writes.
+``--mix FILE`` takes half the calibration windows and half the sweep's windows from a third-domain
+text (bench/RESULTS.md, 2026-12-06: it allocates a flatter, worse 20% plan).
 
     .venv/bin/python bench/quality.py --windows 32 64 --damping 0.01 0.1 --allocation global
 """
@@ -17,10 +19,11 @@ import itertools
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-from _common import machine_line
+from _common import machine_line, mixed_windows
 
 from explorer.apply.preview import LivePreview
 from explorer.catalogue import CRITERIA
@@ -66,6 +69,14 @@ def main() -> None:
     parser.add_argument("--protect", type=int, nargs="+", default=[1])
     parser.add_argument("--head-ratio", type=optional, default=0.0, help="none: heads cut too")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.15, 0.3, 0.45, 0.6])
+    parser.add_argument(
+        "--mix",
+        type=Path,
+        default=None,
+        help="a third-domain text file (bench/sotu_text.py): half the calibration windows (seed 2) "
+        "and half the sweep's windows (seed 3) come from it; settings are still chosen on "
+        "lee_background's held-out windows",
+    )
     parser.add_argument("--log", type=Path, default=Path(__file__).parent / "results/quality.jsonl")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -92,6 +103,12 @@ def main() -> None:
                 calibration_length=args.length,
                 evaluation_windows=20,
             )
+            if args.mix:
+                ex = replace(
+                    ex,
+                    calibration=mixed_windows(ex, ex.calibration, args.mix, seed=2),
+                    heldout=mixed_windows(ex, ex.heldout[:sweep_n], args.mix, seed=3),
+                )
             ex.statistics(CRITERIA[args.criterion].needs | UPDATE_NEEDS)
             ex.scores(args.criterion)
             score_s = time.perf_counter() - t0
@@ -135,6 +152,7 @@ def main() -> None:
                                 sweep_file.write_text(ex.known_sensitivity(plan).to_json())
                             row.update(
                                 source=source,
+                                mix=args.mix.name if args.mix else None,
                                 windows=n,
                                 length=args.length,
                                 allocation=alloc,

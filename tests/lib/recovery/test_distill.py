@@ -154,6 +154,17 @@ def test_more_generated_windows_than_prompts_cycle_the_prompts_with_fresh_sample
         generated_windows(model, ids, count=0)
 
 
+def test_a_one_token_prompt_leaves_the_generated_text_to_the_teacher():
+    model, s, sel, pruned = pruned_pair()
+    ids = tokens(3, 12)
+    text = generated_windows(model, ids, seed=1, prompt_tokens=1)
+    assert torch.equal(text[:, :1], ids[:, :1]) and not torch.equal(text[:, 1:8], ids[:, 1:8])
+    longest = generated_windows(model, ids, seed=1, prompt_tokens=50)  # all but the last token
+    assert torch.equal(longest[:, :11], ids[:, :11])
+    with pytest.raises(PlanError, match="at least one token"):
+        run_distill(model, s, sel, pruned, ids, steps=1, generated=True, generated_prompt=0)
+
+
 def test_generated_text_beside_the_calibration_windows():
     model, s, sel, pruned = pruned_pair()
     ids = tokens(3, 12)
