@@ -64,10 +64,13 @@ from .steps import RecoveryContext, RecoveryStep, _hooks
 from .training import PRECISIONS, SCHEDULES, precision_caution, train
 
 PROMPT_TOKENS = 8  # generated text: each window continues the first tokens of a calibration window
-# Windows sampled at once. A decoding step for 128 windows costs about twice one for 32 on a CPU,
-# so larger batches are faster (SmolLM2-135M, bf16, 2 cores: 0.69 s a 256-token window at 128
-# against 1.40 s at 32); the key/value cache of 128 such windows is about 1.5 GB.
+# Windows sampled at once, at most. A decoding step for 128 windows costs about twice one for 32
+# on a CPU, so larger batches are faster (SmolLM2-135M, bf16, 2 cores: 0.69 s a 256-token window
+# at 128 against 1.40 s at 32). The batch is also kept to a key/value cache of at most
+# GENERATION_CACHE_BYTES (``generation_batch``): 128 SmolLM2 windows take 1.5 GB, 128 windows of
+# a 7B model's 256 tokens would take 34 GB.
 GENERATION_BATCH = 128
+GENERATION_CACHE_BYTES = 2 << 30
 
 
 # -- the loss ---------------------------------------------------------------------------------------------
@@ -307,6 +310,15 @@ def distill(
     )
 
 
+def generation_batch(structure: StructureMap, length: int, element_bytes: int) -> int:
+    """How many windows of ``length`` tokens to sample at once: ``GENERATION_BATCH``, or fewer
+    where their key/value cache (keys and values of every layer's kv heads) would pass
+    ``GENERATION_CACHE_BYTES``; at least one."""
+    s = structure
+    per_window = 2 * s.num_layers * s.kv_heads * s.head_dim * length * element_bytes
+    return max(1, min(GENERATION_BATCH, GENERATION_CACHE_BYTES // per_window))
+
+
 def generated_windows(
     teacher: nn.Module,
     windows: torch.Tensor,
@@ -397,6 +409,9 @@ def _distill_step(
                 count=generated_count or None,
                 prompt_tokens=generated_prompt,
                 precision=precision,
+                batch_size=generation_batch(
+                    s, ctx.windows.shape[1], next(ctx.dense.parameters()).element_size()
+                ),
             )
         )
     windows = torch.cat(([ctx.windows] if with_calibration or not extra else []) + extra)

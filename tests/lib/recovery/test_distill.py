@@ -2,6 +2,7 @@
 
 import math
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,10 +15,13 @@ from explorer.errors import PlanError
 from explorer.export import export_model
 from explorer.planning.selection import Selection
 from explorer.recovery.distill import (
+    GENERATION_BATCH,
+    GENERATION_CACHE_BYTES,
     TeacherLogits,
     distillation_loss,
     file_windows,
     generated_windows,
+    generation_batch,
     hidden_state_loss,
     teacher_cache_path,
 )
@@ -163,6 +167,15 @@ def test_a_one_token_prompt_leaves_the_generated_text_to_the_teacher():
     assert torch.equal(longest[:, :11], ids[:, :11])
     with pytest.raises(PlanError, match="at least one token"):
         run_distill(model, s, sel, pruned, ids, steps=1, generated=True, generated_prompt=0)
+
+
+def test_the_generation_batch_keeps_the_key_value_cache_bounded():
+    small = SimpleNamespace(num_layers=30, kv_heads=3, head_dim=64)  # SmolLM2-135M
+    large = SimpleNamespace(num_layers=32, kv_heads=32, head_dim=128)  # a 7B model without GQA
+    assert generation_batch(small, 256, 4) == GENERATION_BATCH
+    per_window = 2 * 32 * 32 * 128 * 256 * 4
+    assert generation_batch(large, 256, 4) == GENERATION_CACHE_BYTES // per_window == 8
+    assert generation_batch(large, 1 << 20, 4) == 1
 
 
 def test_generated_text_beside_the_calibration_windows():
